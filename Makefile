@@ -1,0 +1,64 @@
+# labvault developer entry points. See docs/development.md.
+#
+#   make venv        create .venv and install labvault editable with the test extra
+#   make run         initialise $(DATA_DIR) and seed/print the demo world
+#   make test        run pytest against a throwaway PostgreSQL (scripts/with-postgres)
+#   make lint        ruff (and shellcheck on the shell scripts, when installed)
+#   make clean       remove .venv and build artefacts (keeps $(DATA_DIR))
+#   make clean-data  remove $(DATA_DIR)
+
+PYTHON ?= python3
+VENV ?= .venv
+DATA_DIR ?= var
+PYTEST_ARGS ?=
+
+# Build requirements from pyproject's [build-system].requires: the editable install and
+# tests/test_packaging.py (pip wheel --no-build-isolation) build with the venv's own tools.
+BUILD_REQUIREMENTS ?= 'setuptools>=68' wheel
+
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+
+STAMP := $(VENV)/.installed
+SHELL_SCRIPTS := scripts/with-postgres .ci/run
+
+.PHONY: help venv install run test lint clean clean-data
+
+help:
+	@sed -n 's/^#   make /make /p' $(firstword $(MAKEFILE_LIST))
+
+venv install: $(STAMP)
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+
+# Re-install whenever pyproject.toml changes (dependencies, package list, entry points).
+$(STAMP): pyproject.toml | $(VENV)/bin/python
+	$(VENV)/bin/python -m pip install --disable-pip-version-check --upgrade $(BUILD_REQUIREMENTS)
+	$(VENV)/bin/python -m pip install --disable-pip-version-check -e '.[test]'
+	touch $@
+
+run: $(STAMP)
+	$(VENV)/bin/labvault init --data-dir $(DATA_DIR)
+	$(VENV)/bin/labvault demo --data-dir $(DATA_DIR)
+	@echo "make run: the JupyterHub is not wired up yet; for now 'run' initialises $(DATA_DIR)/ and seeds the demo world printed above."
+
+test: $(STAMP)
+	scripts/with-postgres $(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	@if command -v shellcheck >/dev/null 2>&1; then \
+		echo "shellcheck $(SHELL_SCRIPTS)"; shellcheck $(SHELL_SCRIPTS); \
+	else \
+		echo "lint: shellcheck not installed, skipping the shell scripts"; \
+	fi
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache .hypothesis test-artifacts
+	find . -path ./.git -prune -o -type d -name __pycache__ -prune -exec rm -rf {} +
+
+clean-data:
+	@case "$(DATA_DIR)" in ""|/|.|..) echo "refusing to remove DATA_DIR='$(DATA_DIR)'" >&2; exit 1;; esac
+	rm -rf -- $(DATA_DIR)

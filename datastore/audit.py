@@ -1,0 +1,130 @@
+"""The tamper-evident audit log: append-only events, each holding the hash of the one before.
+
+``append`` locks the chain's head row (``SELECT ... FOR UPDATE`` on PostgreSQL; SQLite
+transactions already begin IMMEDIATE), so parallel writers form one linear chain, and it
+runs inside the caller's transaction: a change and its audit event commit together or not at
+all. ``verify`` recomputes the chain and names the first event that was edited, deleted or
+reordered; the head row catches a deleted tail.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from labvault.policies import Decision, truncate_ip
+
+from .models import AuditEvent, AuditHead, utcnow
+
+GENESIS = "0" * 64
+
+
+def _iso(t: datetime) -> str:
+    return t.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def event_hash(prev_hash: str, seq: int, time: datetime, actor: str, action: str, target: str,
+               allowed: bool, rule: str, reason: str, ip: str, details: dict) -> str:
+    payload = json.dumps(
+        [seq, _iso(time), actor, action, target, bool(allowed), rule, reason, ip, details],
+        sort_keys=True, separators=(",", ":"), ensure_ascii=False,
+    )
+    return hashlib.sha256((prev_hash + payload).encode()).hexdigest()
+
+
+def _hash_of(e: AuditEvent, prev_hash: str) -> str:
+    return event_hash(prev_hash, e.seq, e.time, e.actor, e.action, e.target, e.allowed,
+                      e.rule, e.reason, e.ip, e.details or {})
+
+
+def append(
+    session: Session,
+    *,
+    actor: str,
+    action: str,
+    target: str,
+    decision: Decision,
+    ip: str | None = None,
+    details: dict | None = None,
+    now: datetime | None = None,
+    ipv4_masked_bytes: int = 2,
+    ipv6_prefix_bits: int = 48,
+) -> AuditEvent:
+    """Append one event in ``session``'s transaction. ``ip`` is truncated before storage."""
+    head = session.execute(
+        select(AuditHead).where(AuditHead.id == 1).with_for_update()
+    ).scalar_one()
+    if len(actor) > 100 or len(action) > 50:
+        raise ValueError("audit actor or action name too long")
+    time = (now or utcnow()).astimezone(timezone.utc)
+    masked = truncate_ip(ip, ipv4_masked_bytes, ipv6_prefix_bits) if ip else "-"
+    details = json.loads(json.dumps(details or {}, sort_keys=True, default=str))
+    seq = head.seq + 1
+    h = event_hash(head.hash, seq, time, actor, action, target[:1100], decision.allowed,
+                   decision.rule, decision.reason, masked, details)
+    event = AuditEvent(
+        seq=seq, time=time, actor=actor, action=action, target=target[:1100],
+        allowed=decision.allowed, rule=decision.rule, reason=decision.reason, ip=masked,
+        details=details, prev_hash=head.hash, hash=h,
+    )
+    session.add(event)
+    head.seq = seq
+    head.hash = h
+    session.flush()
+    return event
+
+
+@dataclass(frozen=True)
+class ChainReport:
+    ok: bool
+    events: int
+    first_broken: int | None = None
+    problem: str = ""
+
+
+def iter_events(session: Session, batch: int = 5000) -> Iterator[AuditEvent]:
+    last = 0
+    while True:
+        rows = session.scalars(
+            select(AuditEvent).where(AuditEvent.seq > last).order_by(AuditEvent.seq).limit(batch)
+        ).all()
+        if not rows:
+            return
+        yield from rows
+        last = rows[-1].seq
+        session.expunge_all()
+
+
+def verify(session: Session) -> ChainReport:
+    """Recompute the chain; report the first event that does not fit."""
+    expected_seq = 1
+    running = GENESIS
+    count = 0
+    for e in iter_events(session):
+        if e.seq != expected_seq:
+            return ChainReport(False, count, expected_seq,
+                               f"event {expected_seq} is missing (next present is {e.seq}): deleted")
+        if e.prev_hash != running:
+            return ChainReport(False, count, e.seq,
+                               f"event {e.seq} does not follow event {e.seq - 1}: deleted or reordered")
+        h = _hash_of(e, running)
+        if h != e.hash:
+            return ChainReport(False, count, e.seq, f"event {e.seq} was edited (hash mismatch)")
+        running = h
+        expected_seq += 1
+        count += 1
+    head = session.get(AuditHead, 1)
+    if head is None:
+        return ChainReport(False, count, None, "the chain head is missing")
+    if head.seq != count or head.hash != running:
+        if head.seq > count:
+            return ChainReport(False, count, count + 1,
+                               f"events {count + 1}..{head.seq} are missing: the tail was deleted")
+        return ChainReport(False, count, head.seq, "the chain head does not match the last event")
+    return ChainReport(True, count)

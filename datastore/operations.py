@@ -1,0 +1,504 @@
+"""Domain operations: decide with the policy, record the audit event, apply the change.
+
+Each operation runs in one transaction: the change and its audit event commit together.
+A refusal is audited too (in its own transaction, which commits) and then raised as
+:class:`Denied`, carrying the Decision. The admin CLI and the datastore service both call
+these functions; they are the only code that writes the domain tables.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from labvault import policies as p
+from labvault.policies import Decision
+
+from . import audit
+from .access import experiment_value, load_subject, visible_experiments
+from .models import (
+    Department,
+    DepartmentMembership,
+    Environment,
+    Experiment,
+    Institution,
+    InstitutionIdentifier,
+    Licence,
+    Project,
+    Role,
+    RoleGrant,
+    User,
+    UserState,
+    experiment_projects,
+    utcnow,
+)
+
+EXID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._@-]{0,99}$")
+DOMAIN_RE = re.compile(r"^(?=.{1,253}$)([a-z0-9-]{1,63}\.)+[a-z]{2,63}$")
+ORCID_RE = re.compile(r"^\d{4}-\d{4}-\d{4}-\d{3}[\dX]$")
+
+
+class OperationError(Exception):
+    """Bad input or a missing object: the message is one line for a person."""
+
+
+class NotFound(OperationError):
+    pass
+
+
+class Denied(OperationError):
+    def __init__(self, decision: Decision):
+        super().__init__(f"refused by {decision.rule}: {decision.reason}")
+        self.decision = decision
+
+
+#: Decision recorded for changes made by an operator through the admin CLI.
+OPERATOR = Decision(True, "admin.access_rights", "administrator, admin CLI")
+#: The policy subject of an operator: an admin who is no labvault user (id 0 is never a row).
+OPERATOR_SUBJECT = p.Subject(user_id=0, name="operator", is_admin=True, state="active")
+
+
+@dataclass
+class Actor:
+    """Who performs an operation: a labvault user, or an operator at the admin CLI."""
+
+    user_id: int | None = None
+    operator: str | None = None
+    ip: str | None = None
+
+    def label(self, session: Session) -> str:
+        if self.user_id is not None:
+            u = session.get(User, self.user_id)
+            return u.name if u else f"user:{self.user_id}"
+        return f"operator:{self.operator or 'cli'}"
+
+
+# --------------------------------------------------------------------------------------
+# lookups
+# --------------------------------------------------------------------------------------
+def get_institution(session: Session, name: str) -> Institution:
+    inst = session.scalar(select(Institution).where(Institution.name == name))
+    if inst is None:
+        raise NotFound(f"unknown institution {name!r}")
+    return inst
+
+
+def get_user(session: Session, name: str) -> User:
+    user = session.scalar(select(User).where(User.name == name))
+    if user is None:
+        raise NotFound(f"unknown user {name!r}")
+    return user
+
+
+def get_experiment(session: Session, exid: str) -> Experiment:
+    e = session.scalar(select(Experiment).where(Experiment.exid == exid))
+    if e is None:
+        raise NotFound(f"unknown experiment {exid!r}")
+    return e
+
+
+def get_department(session: Session, institution: Institution, name: str) -> Department:
+    d = session.scalar(
+        select(Department).where(Department.institution_id == institution.id, Department.name == name)
+    )
+    if d is None:
+        raise NotFound(f"unknown department {name!r} of {institution.name}")
+    return d
+
+
+def get_project(session: Session, name: str, institution: Institution | None = None) -> Project:
+    q = select(Project).where(Project.name == name)
+    if institution is not None:
+        q = q.where(Project.institution_id == institution.id)
+    found = session.scalars(q).all()
+    if not found:
+        raise NotFound(f"unknown project {name!r}")
+    if len(found) > 1:
+        raise OperationError(f"project name {name!r} is ambiguous: name the institution")
+    return found[0]
+
+
+# --------------------------------------------------------------------------------------
+# the decide → audit → apply pattern
+# --------------------------------------------------------------------------------------
+def _record(session: Session, actor: Actor, action: str, target: str, decision: Decision,
+            now: datetime, details: dict | None = None) -> None:
+    audit.append(session, actor=actor.label(session), action=action, target=target,
+                 decision=decision, ip=actor.ip, details=details, now=now)
+
+
+def _refuse(factory: sessionmaker, actor: Actor, action: str, target: str, decision: Decision,
+            now: datetime) -> Denied:
+    with factory.begin() as session:
+        _record(session, actor, action, target, decision, now)
+    return Denied(decision)
+
+
+def _subject(session: Session, actor: Actor, now: datetime) -> p.Subject | None:
+    return load_subject(session, actor.user_id, now) if actor.user_id is not None else None
+
+
+# --------------------------------------------------------------------------------------
+# operator operations (admin CLI): institutions, users, departments, licences, environments
+# --------------------------------------------------------------------------------------
+def add_institution(factory, actor: Actor, name: str, *, domains: Iterable[str] = (),
+                    idps: Iterable[str] = (), vendor: bool = False, facility: bool = False,
+                    verified: bool = True, now: datetime | None = None) -> int:
+    now = now or utcnow()
+    name = name.strip()
+    if not name:
+        raise OperationError("institution name is empty")
+    domains = [d.strip().lower() for d in domains]
+    for d in domains:
+        if not DOMAIN_RE.match(d):
+            raise OperationError(f"not an e-mail domain: {d!r}")
+    with factory.begin() as session:
+        if session.scalar(select(Institution.id).where(Institution.name == name)):
+            raise OperationError(f"institution {name!r} exists already")
+        inst = Institution(name=name, verified=verified, is_vendor=vendor, is_facility=facility)
+        for d in domains:
+            _unique_identifier(session, "email_domain", d)
+            inst.identifiers.append(InstitutionIdentifier(kind="email_domain", value=d))
+        for i in idps:
+            _unique_identifier(session, "idp", i.strip())
+            inst.identifiers.append(InstitutionIdentifier(kind="idp", value=i.strip()))
+        session.add(inst)
+        session.flush()
+        _record(session, actor, "institution.add", f"institution:{name}", OPERATOR, now,
+                {"vendor": vendor, "facility": facility, "verified": verified})
+        return inst.id
+
+
+def _unique_identifier(session: Session, kind: str, value: str) -> None:
+    if not value:
+        raise OperationError(f"empty {kind}")
+    taken = session.scalar(
+        select(Institution.name).join(InstitutionIdentifier).where(
+            InstitutionIdentifier.kind == kind, InstitutionIdentifier.value == value
+        )
+    )
+    if taken:
+        raise OperationError(f"{kind} {value!r} already belongs to {taken}")
+
+
+def add_user(factory, actor: Actor, name: str, *, institution: str | None, display_name: str = "",
+             email: str | None = None, department: str | None = None, admin: bool = False,
+             state: str = "active", institutional_email: str | None = None,
+             verified_institutional_email: bool = False, orcid: str | None = None,
+             now: datetime | None = None) -> int:
+    now = now or utcnow()
+    if not NAME_RE.match(name):
+        raise OperationError(
+            f"bad user name {name!r}: lower-case letters, digits and . _ @ - (at most 100)"
+        )
+    if state not in p.model.ACCOUNT_STATES:
+        raise OperationError(f"bad state {state!r}: one of {', '.join(p.model.ACCOUNT_STATES)}")
+    if orcid and not ORCID_RE.match(orcid):
+        raise OperationError(f"bad ORCID {orcid!r}: expected 0000-0000-0000-000X")
+    for label, value in (("e-mail", email), ("institutional e-mail", institutional_email)):
+        if value and not re.match(r"^[^@\s]+@[^@\s]+\.[^@\s]+$", value):
+            raise OperationError(f"bad {label} {value!r}")
+    with factory.begin() as session:
+        if session.scalar(select(User.id).where(User.name == name)):
+            raise OperationError(f"user {name!r} exists already")
+        inst = get_institution(session, institution) if institution else None
+        dept = get_department(session, inst, department) if (department and inst) else None
+        if department and not inst:
+            raise OperationError("a department needs an institution")
+        if verified_institutional_email:
+            if not institutional_email or inst is None:
+                raise OperationError("a verified institutional e-mail needs the address and an institution")
+            domain = institutional_email.rsplit("@", 1)[1].lower()
+            domains = {i.value for i in inst.identifiers if i.kind == "email_domain"}
+            if not any(domain == d or domain.endswith("." + d) for d in domains):
+                raise OperationError(
+                    f"{institutional_email} is not an address of {inst.name} "
+                    f"(its domains: {', '.join(sorted(domains)) or 'none'})"
+                )
+        user = User(
+            name=name, display_name=display_name or name, institution_id=inst.id if inst else None,
+            department_id=dept.id if dept else None, email=email, is_admin=admin,
+            state=UserState(state), institutional_email=institutional_email, orcid=orcid,
+            institutional_email_verified_at=now if verified_institutional_email else None,
+            confirmed_at=now if state == "active" else None, created_at=now,
+        )
+        session.add(user)
+        session.flush()
+        _record(session, actor, "user.add", f"user:{name}", OPERATOR, now,
+                {"institution": institution, "admin": admin, "state": state})
+        return user.id
+
+
+def set_user_state(factory, actor: Actor, name: str, state: str, now: datetime | None = None) -> None:
+    now = now or utcnow()
+    if state not in p.model.ACCOUNT_STATES:
+        raise OperationError(f"bad state {state!r}: one of {', '.join(p.model.ACCOUNT_STATES)}")
+    with factory.begin() as session:
+        user = get_user(session, name)
+        old = user.state.value
+        user.state = UserState(state)
+        if state == "active" and user.confirmed_at is None:
+            user.confirmed_at = now
+        if state == "closed":
+            user.closed_at = now
+            # privacy statement: closing an account removes its active roles at once (history kept)
+            for g in session.scalars(
+                select(RoleGrant).where(RoleGrant.user_id == user.id, RoleGrant.revoked_at.is_(None))
+            ):
+                g.revoked_at = now
+        if state == "deactivated":
+            user.deactivated_at = now
+        _record(session, actor, "user.state", f"user:{name}", OPERATOR, now, {"from": old, "to": state})
+
+
+def add_department(factory, actor: Actor, name: str, institution: str, *, virtual: bool = False,
+                   now: datetime | None = None) -> int:
+    now = now or utcnow()
+    if not name.strip():
+        raise OperationError("department name is empty")
+    with factory.begin() as session:
+        inst = get_institution(session, institution)
+        if session.scalar(select(Department.id).where(Department.institution_id == inst.id,
+                                                      Department.name == name)):
+            raise OperationError(f"department {name!r} of {institution} exists already")
+        d = Department(name=name, institution_id=inst.id, virtual=virtual)
+        session.add(d)
+        session.flush()
+        _record(session, actor, "department.add", f"department:{institution}/{name}", OPERATOR, now,
+                {"virtual": virtual})
+        return d.id
+
+
+def add_membership(factory, actor: Actor, user: str, institution: str, department: str, *,
+                   modify: bool = False, now: datetime | None = None) -> None:
+    """Give ``user`` read (and with ``modify``, modify) access to a department's data."""
+    now = now or utcnow()
+    target = f"department:{institution}/{department}"
+    with factory.begin() as session:
+        u = get_user(session, user)
+        d = get_department(session, get_institution(session, institution), department)
+        subject = _subject(session, actor, now)
+        decision = OPERATOR
+        if subject is not None:
+            change = p.DepartmentAccessChange(p.Department(d.id, d.institution_id, d.virtual),
+                                              load_subject(session, u, now), modify)
+            decision = p.decide(subject, "manage_access", change, now)
+        if decision.allowed:
+            session.add(DepartmentMembership(user_id=u.id, department_id=d.id, can_modify=modify,
+                                             granted_by_id=actor.user_id, granted_at=now))
+            _record(session, actor, "department.member", target, decision, now,
+                    {"user": user, "modify": modify})
+            return
+    raise _refuse(factory, actor, "department.member", target, decision, now)
+
+
+def add_project(factory, actor: Actor, name: str, institution: str, *, pi: str | None = None,
+                now: datetime | None = None) -> int:
+    now = now or utcnow()
+    with factory.begin() as session:
+        inst = get_institution(session, institution)
+        if session.scalar(select(Project.id).where(Project.institution_id == inst.id, Project.name == name)):
+            raise OperationError(f"project {name!r} of {institution} exists already")
+        pi_user = get_user(session, pi) if pi else None
+        proj = Project(name=name, institution_id=inst.id, pi_id=pi_user.id if pi_user else None)
+        session.add(proj)
+        session.flush()
+        _record(session, actor, "project.add", f"project:{institution}/{name}", OPERATOR, now,
+                {"pi": pi})
+        return proj.id
+
+
+def link_project(factory, actor: Actor, exid: str, project: str, now: datetime | None = None) -> None:
+    now = now or utcnow()
+    with factory.begin() as session:
+        e = get_experiment(session, exid)
+        proj = get_project(session, project)
+        exists = session.scalar(select(experiment_projects.c.project_id).where(
+            experiment_projects.c.project_id == proj.id, experiment_projects.c.experiment_id == e.id))
+        if exists:
+            return
+        session.execute(experiment_projects.insert().values(project_id=proj.id, experiment_id=e.id))
+        _record(session, actor, "project.link", f"experiment:{exid}", OPERATOR, now, {"project": project})
+
+
+def add_licence(factory, actor: Actor, institution: str, product: str, *,
+                valid_until: datetime | None = None, seats: int | None = None,
+                now: datetime | None = None) -> None:
+    now = now or utcnow()
+    if not product.strip():
+        raise OperationError("licence product is empty")
+    if seats is not None and seats < 1:
+        raise OperationError("seats must be at least 1")
+    with factory.begin() as session:
+        inst = get_institution(session, institution)
+        lic = session.scalar(select(Licence).where(Licence.institution_id == inst.id, Licence.product == product))
+        if lic is None:
+            lic = Licence(institution_id=inst.id, product=product)
+            session.add(lic)
+        lic.valid_until = valid_until
+        lic.seats = seats
+        _record(session, actor, "licence.set", f"institution:{institution}", OPERATOR, now,
+                {"product": product, "valid_until": valid_until.isoformat() if valid_until else None})
+
+
+def add_environment(factory, actor: Actor, name: str, *, display_name: str = "",
+                    image: str | None = None, kernelspec: str | None = None,
+                    licences: Iterable[str] = (), proprietary: bool = False,
+                    institution: str | None = None, public: bool = False,
+                    now: datetime | None = None) -> int:
+    now = now or utcnow()
+    if not re.match(r"^[a-z0-9][a-z0-9._-]{0,99}$", name):
+        raise OperationError(f"bad environment name {name!r}")
+    if not image and not kernelspec:
+        raise OperationError("an environment needs an image or a kernelspec")
+    if proprietary and public:
+        d = p.decide(p.SYSTEM, "publish", p.Environment(0, name, proprietary=True), now)
+        raise Denied(d)
+    if proprietary and not institution:
+        raise OperationError("a proprietary environment needs its owning institution")
+    with factory.begin() as session:
+        if session.scalar(select(Environment.id).where(Environment.name == name)):
+            raise OperationError(f"environment {name!r} exists already")
+        inst = get_institution(session, institution) if institution else None
+        env = Environment(name=name, display_name=display_name or name, image=image,
+                          kernelspec=kernelspec, licences=sorted(set(licences)),
+                          proprietary=proprietary, institution_id=inst.id if inst else None,
+                          public=public)
+        session.add(env)
+        session.flush()
+        _record(session, actor, "environment.add", f"environment:{name}", OPERATOR, now,
+                {"licences": sorted(set(licences)), "proprietary": proprietary})
+        return env.id
+
+
+# --------------------------------------------------------------------------------------
+# experiments and roles (decided by the policy, also from the CLI)
+# --------------------------------------------------------------------------------------
+def add_experiment(factory, actor: Actor, exid: str, *, pi: str, title: str = "",
+                   facility: str = "", start_at: datetime | None = None,
+                   end_at: datetime | None = None, proprietary: bool = True,
+                   department: str | None = None, projects: Iterable[str] = (),
+                   now: datetime | None = None) -> int:
+    now = now or utcnow()
+    if not EXID_RE.match(exid):
+        raise OperationError(f"bad exID {exid!r}: letters, digits and . _ - (at most 64)")
+    if start_at and end_at and end_at < start_at:
+        raise OperationError("the experiment ends before it starts")
+    target = f"experiment:{exid}"
+    with factory.begin() as session:
+        if session.scalar(select(Experiment.id).where(Experiment.exid == exid)):
+            raise OperationError(f"experiment {exid!r} exists already")
+        pi_user = get_user(session, pi)
+        pi_subject = load_subject(session, pi_user, now)
+        dept = None
+        if department:
+            if pi_user.institution is None:
+                raise OperationError("the PI has no institution")
+            dept = get_department(session, pi_user.institution, department)
+        subject = _subject(session, actor, now)
+        new = p.NewExperiment(pi_subject, dept.id if dept else None, proprietary)
+        # An operator registers experiments as an admin would; the PI rules hold either way.
+        decision = p.decide(subject or OPERATOR_SUBJECT, "create", new, now)
+        if decision.allowed:
+            owner_department = dept.id if dept else pi_user.department_id
+            e = Experiment(
+                exid=exid, title=title, pi_id=pi_user.id, institution_id=pi_user.institution_id,
+                facility=facility, department_id=owner_department, start_at=start_at, end_at=end_at,
+                proprietary=proprietary, public=False, created_by_id=actor.user_id, created_at=now,
+            )
+            session.add(e)
+            session.flush()
+            for name in projects:
+                proj = get_project(session, name)
+                session.execute(experiment_projects.insert().values(project_id=proj.id, experiment_id=e.id))
+            _record(session, actor, "experiment.create", target, decision, now,
+                    {"pi": pi, "proprietary": proprietary})
+            return e.id
+    raise _refuse(factory, actor, "experiment.create", target, decision, now)
+
+
+def grant_role(factory, actor: Actor, exid: str, user: str, role: str, *,
+               expires_at: datetime | None = None, now: datetime | None = None) -> int:
+    """Grant ``role`` on an experiment. ``actor`` must be its PI or a manager (or an operator
+    acting for the PI); vendor and account-state rules hold for everyone."""
+    now = now or utcnow()
+    if role not in p.ROLES:
+        raise OperationError(f"unknown role {role!r}: one of {', '.join(p.ROLES)}")
+    if expires_at is not None and expires_at <= now:
+        raise OperationError("the grant would expire in the past")
+    target = f"experiment:{exid}"
+    with factory.begin() as session:
+        e = get_experiment(session, exid)
+        u = get_user(session, user)
+        acting = actor.user_id if actor.user_id is not None else e.pi_id
+        subject = load_subject(session, acting, now)
+        change = p.RoleChange(experiment_value(session, e), load_subject(session, u, now), role)
+        decision = p.decide(subject, "grant_role", change, now)
+        if decision.allowed:
+            g = RoleGrant(user_id=u.id, experiment_id=e.id, role=Role(role), granted_by_id=acting,
+                          granted_at=now, expires_at=expires_at)
+            session.add(g)
+            session.flush()
+            _record(session, actor, "role.grant", target, decision, now,
+                    {"user": user, "role": role, "expires_at": expires_at.isoformat() if expires_at else None})
+            return g.id
+    raise _refuse(factory, actor, "role.grant", target, decision, now)
+
+
+def revoke_role(factory, actor: Actor, exid: str, user: str, role: str | None = None,
+                now: datetime | None = None) -> int:
+    now = now or utcnow()
+    target = f"experiment:{exid}"
+    with factory.begin() as session:
+        e = get_experiment(session, exid)
+        u = get_user(session, user)
+        acting = actor.user_id if actor.user_id is not None else e.pi_id
+        subject = load_subject(session, acting, now)
+        q = select(RoleGrant).where(RoleGrant.experiment_id == e.id, RoleGrant.user_id == u.id,
+                                    RoleGrant.revoked_at.is_(None))
+        if role:
+            q = q.where(RoleGrant.role == Role(role))
+        grants = session.scalars(q).all()
+        if not grants:
+            raise NotFound(f"{user} holds no active {role or 'role'} on {exid}")
+        decision = Decision(True, "role.manage", "")
+        for g in grants:
+            change = p.RoleChange(experiment_value(session, e), load_subject(session, u, now), g.role.value)
+            decision = p.decide(subject, "revoke_role", change, now)
+            if not decision.allowed:
+                break
+        else:
+            for g in grants:
+                g.revoked_at = now
+                g.revoked_by_id = acting
+            _record(session, actor, "role.revoke", target, decision, now,
+                    {"user": user, "roles": sorted(g.role.value for g in grants)})
+            return len(grants)
+    raise _refuse(factory, actor, "role.revoke", target, decision, now)
+
+
+def publish_experiment(factory, actor: Actor, exid: str, now: datetime | None = None) -> None:
+    """Make an experiment public at its PI's request (never a proprietary one)."""
+    now = now or utcnow()
+    target = f"experiment:{exid}"
+    with factory.begin() as session:
+        e = get_experiment(session, exid)
+        acting = actor.user_id if actor.user_id is not None else e.pi_id
+        decision = p.decide(load_subject(session, acting, now), "publish", experiment_value(session, e), now)
+        if decision.allowed:
+            e.public = True
+            _record(session, actor, "experiment.publish", target, decision, now)
+            return
+    raise _refuse(factory, actor, "experiment.publish", target, decision, now)
+
+
+def list_visible_experiments(session: Session, user: str, now: datetime | None = None) -> list[Experiment]:
+    now = now or utcnow()
+    subject = load_subject(session, get_user(session, user), now)
+    return list(session.scalars(visible_experiments(subject, now)))

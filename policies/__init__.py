@@ -1,0 +1,42 @@
+"""Pure decision code: (subject, action, resource, now) -> Decision(allowed, rule, reason).
+
+No I/O and no ORM imports: the datastore builds the frozen values in :mod:`.model` from its
+rows and asks :func:`decide`. Every rule of the policy documents is named in :mod:`.rules`.
+"""
+
+from .engine import ACTIONS, Policy, decide, default_policy
+from .model import (
+    ANONYMOUS,
+    ROLES,
+    SYSTEM,
+    Account,
+    Decision,
+    Department,
+    DepartmentAccessChange,
+    Environment,
+    Experiment,
+    File,
+    Grant,
+    NewExperiment,
+    NewResultSet,
+    Person,
+    PersonalItem,
+    Project,
+    ProjectAccessChange,
+    Result,
+    ResultSet,
+    RetentionChange,
+    RoleChange,
+    Share,
+    Subject,
+)
+from .privacy import truncate_ip
+from .rules import RULES
+
+__all__ = [
+    "ACTIONS", "ANONYMOUS", "ROLES", "RULES", "SYSTEM", "Account", "Decision", "Department",
+    "DepartmentAccessChange", "Environment", "Experiment", "File", "Grant", "NewExperiment",
+    "NewResultSet", "Person", "PersonalItem", "Policy", "Project", "ProjectAccessChange",
+    "Result", "ResultSet", "RetentionChange", "RoleChange", "Share", "Subject", "decide",
+    "default_policy", "truncate_ip",
+]
