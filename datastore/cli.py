@@ -26,7 +26,7 @@ from pathlib import Path
 
 from sqlalchemy import select
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
-from traitlets import Bool, Int, List, Unicode, default
+from traitlets import Bool, Int, List, TraitError, Unicode, default
 from traitlets.config import Application
 from traitlets.config.loader import KVArgParseConfigLoader, _KVArgParser
 
@@ -76,6 +76,7 @@ class LabvaultCommand(Application):
     """Base of every command: where the data lives, and one-line errors."""
 
     version = __version__
+    raise_config_file_errors = True  # a broken config file stops the command (one line)
     nargs: tuple[int, int] = (0, 0)  # (min, max) positional arguments; max -1 = any
     usage = ""
 
@@ -123,6 +124,8 @@ class LabvaultCommand(Application):
 
     def initialize(self, argv=None):  # no catch_config_error: launch_instance prints one line
         self.parse_command_line(argv)
+        if self.subapp is None:  # the command that runs: its --data-dir is known now
+            self._load_deployment_config()
         if self.subapp is None and self.subcommands and self.extra_args:
             raise CommandError(
                 f"unknown command {self.extra_args[0]!r}: choose one of {', '.join(sorted(self.subcommands))}"
@@ -132,6 +135,26 @@ class LabvaultCommand(Application):
             n = len(self.extra_args)
             if n < lo or (hi >= 0 and n > hi):
                 raise CommandError(f"{self.name}: expected {self.usage or 'no arguments'}, got {n} argument(s)")
+
+    def _load_deployment_config(self) -> None:
+        """Read labvault_config.py from /etc/labvault and the data directory (the command line
+        wins), and configure the policy engine from it (e.g. c.Policy.facility_access_days)."""
+        from copy import deepcopy
+
+        from labvault.policies import Policy, set_default_policy
+
+        command_line = deepcopy(self.config)
+        for path in ("/etc/labvault", str(Path(self.data_dir).resolve())):
+            if Path(path, "labvault_config.py").is_file():
+                try:
+                    self.load_config_file("labvault_config.py", path=path)
+                except Exception as e:  # a config file is Python: any error is the admin's to fix
+                    raise CommandError(f"bad configuration in {path}/labvault_config.py: {e}") from None
+        self.update_config(command_line)
+        try:
+            set_default_policy(Policy(config=self.config))
+        except TraitError as e:
+            raise CommandError(f"bad configuration: {e}") from None
 
     @classmethod
     def launch_instance(cls, argv=None, **kwargs):

@@ -4,7 +4,7 @@ No I/O and no ORM imports: the datastore builds the frozen values in :mod:`.mode
 rows and asks :func:`decide`. Every rule of the policy documents is named in :mod:`.rules`.
 """
 
-from .engine import ACTIONS, Policy, decide, default_policy
+from .engine import ACTIONS, Policy, decide, default_policy, set_default_policy
 from .model import (
     ANONYMOUS,
     ROLES,
@@ -38,5 +38,5 @@ __all__ = [
     "DepartmentAccessChange", "Environment", "Experiment", "File", "Grant", "NewExperiment",
     "NewResultSet", "Person", "PersonalItem", "Policy", "Project", "ProjectAccessChange",
     "Result", "ResultSet", "RetentionChange", "RoleChange", "Share", "Subject", "decide",
-    "default_policy", "truncate_ip",
+    "default_policy", "set_default_policy", "truncate_ip",
 ]

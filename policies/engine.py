@@ -857,9 +857,15 @@ def default_policy() -> Policy:
     return _default
 
 
+def set_default_policy(policy: Policy) -> None:
+    """Make ``policy`` (e.g. one built from a deployment's config) the one :func:`decide` uses."""
+    global _default
+    _default = policy
+
+
 def decide(subject: Subject, action: str, resource: object, now: datetime) -> Decision:
-    """Decide with the default :class:`Policy` (the design's defaults)."""
+    """Decide with the default :class:`Policy` (the design's defaults unless configured)."""
     return default_policy().decide(subject, action, resource, now)
 
 
-__all__ = ["Policy", "decide", "default_policy", "ACTIONS", "NESTED_ROLES"]
+__all__ = ["Policy", "decide", "default_policy", "set_default_policy", "ACTIONS", "NESTED_ROLES"]

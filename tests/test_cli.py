@@ -190,3 +190,19 @@ def test_init_and_missing_database(tmp_path):
     assert r.returncode == 0 and "demo world created" in r.stdout
     r = subprocess.run([*exe, "demo", f"--data-dir={data}"], capture_output=True, text=True, timeout=120)
     assert "already present" in r.stdout
+
+
+def test_config_file_sets_policy_traits(world, tmp_path):
+    """labvault_config.py in the data directory configures the policy; the command line wins."""
+    world("role", "grant", "LS-2026-1", "frank", "facility_staff")
+    data = tmp_path / "data"
+    data.mkdir(exist_ok=True)
+    (data / "labvault_config.py").write_text("c.Policy.facility_access_days = 10\n")
+    code, out, _ = world("experiment", "list", "--as", "frank", "--at", "2026-05-20")
+    assert "LS-2026-1" not in out  # day 19 after the end: past a 10-day window
+    code, out, _ = world("experiment", "list", "--as", "frank", "--at", "2026-05-20",
+                         "--Policy.facility_access_days=30")
+    assert "LS-2026-1" in out
+    (data / "labvault_config.py").write_text("c.Policy.facility_access_days = 'ten'\n")
+    code, _, err = world("experiment", "list", "--as", "frank")
+    assert code == 2 and "bad configuration" in err and "facility_access_days" in err

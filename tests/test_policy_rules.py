@@ -239,7 +239,7 @@ def test_proprietary_data_is_never_public():
     deny(SYSTEM, E.PUBLISH, PROP, "proprietary.never_public")
     # even a row wrongly marked public is not shown to visitors
     deny(ANONYMOUS, E.READ, replace(PROP, public=True), "proprietary.never_public")
-    deny(ANONYMOUS, E.STUB, PROP, "proprietary.never_public")
+    deny(ANONYMOUS, E.STUB, PROP, "stub.existence")
 
 
 def test_only_the_pi_makes_non_proprietary_experiments_public():
@@ -315,7 +315,7 @@ def test_facility_window_on_non_proprietary_data_and_pi_assignment():
 def test_vendor_never_accesses_proprietary_data(vendor):
     rs = ResultSet(7, PROP, DEPT_A, published=True)
     for action, resource in [
-        (E.READ, PROP), (E.MODIFY, PROP), (E.UPLOAD, PROP), (E.STUB, PROP),
+        (E.READ, PROP), (E.MODIFY, PROP), (E.UPLOAD, PROP),
         (E.READ, File(PROP, "raw/a.h5")), (E.MODIFY, File(PROP, "raw/a.h5")),
         (E.UPLOAD, File(PROP, "raw/a.h5")), (E.READ, rs), (E.READ, Result(rs)),
         (E.READ, Result(PROP, "comment")), (E.UPLOAD_RESULTS, NewResultSet(PROP)),
@@ -326,6 +326,7 @@ def test_vendor_never_accesses_proprietary_data(vendor):
         deny(vendor, action, resource, "vendor.never", mentions="vendor")
     deny(vendor, E.LIST, PROP, "list.hide_inaccessible", mentions="vendor")
     deny(vendor, E.LIST, rs, "list.hide_inaccessible")
+    deny(vendor, E.STUB, PROP, "stub.existence")
     # non-proprietary data is not covered by the vendor rule
     allow(vendor, E.READ, OPEN, "role.grant" if vendor.grants else "department.member_read_modify")
 
@@ -417,10 +418,9 @@ def test_role_management():
     deny(PI, E.GRANT_ROLE, RoleChange(PROP, COLLEAGUE, "owner"), "role.manage", mentions="unknown role")
     # an expired manager grant manages nothing
     lapsed = user(MANAGER_ID, roles={EXP_ID: (Grant("manager", expires_at=NOW - timedelta(days=1)),)})
-    deny(lapsed, E.GRANT_ROLE, RoleChange(PROP, COLLEAGUE, "viewer"), "proprietary.assigned_only")
-    lapsed_open = user(MANAGER_ID, dept=DEPT_B,
-                       roles={EXP_ID: (Grant("manager", expires_at=NOW - timedelta(days=1)),)})
-    deny(lapsed_open, E.GRANT_ROLE, RoleChange(OPEN, COLLEAGUE, "viewer"), "role.manage")
+    deny(lapsed, E.GRANT_ROLE, RoleChange(PROP, COLLEAGUE, "viewer"), "role.manage")
+    allow(lapsed, E.GRANT_ROLE, RoleChange(PROP, COLLEAGUE, "viewer"), "sharing.same_institution",
+          NOW - timedelta(days=2))
 
 
 # ------------------------------------------------------------------------------------------
@@ -465,11 +465,10 @@ def test_only_the_pi_archives_extends_and_deletes():
             deny(other, action, PROP, "retention.pi_only", mentions=EXID)
     until = ARCHIVED_AT + timedelta(days=800)
     allow(PI, E.EXTEND, RetentionChange(ARCHIVED, until), "retention.pi_only", LATER,
-          mentions="2028-06-10")
-    for other in (MANAGER, ADMIN, SYSTEM):
-        d = decide(other, E.EXTEND, RetentionChange(ARCHIVED, until), LATER)
-        assert not d.allowed
-    deny(MANAGER, E.EXTEND, RetentionChange(ARCHIVED, until), "retention.pi_only", LATER)
+          mentions="2028-06-09")
+    for other in (MANAGER, ADMIN):
+        deny(other, E.EXTEND, RetentionChange(ARCHIVED, until), "retention.pi_only", LATER)
+    deny(SYSTEM, E.EXTEND, RetentionChange(ARCHIVED, until), "account.state", LATER)
 
 
 def test_retention_minimum_is_one_year():
@@ -644,7 +643,7 @@ def test_results_and_comments_derive_access_from_their_parent():
     deny(STRANGER, E.READ, Result(rs), "result_set.published_visibility")
     allow(VIEWER, E.READ, Result(PROP, "comment"), "derived.parent", mentions="comment")
     deny(COLLEAGUE, E.READ, Result(PROP, "comment"), "proprietary.assigned_only")
-    allow(COLLEAGUE, E.READ, Result(Result(rs).parent, "comment"), "derived.parent")
+    allow(COLLEAGUE, E.READ, Result(rs, "comment"), "derived.parent", mentions="comment")
 
 
 # ------------------------------------------------------------------------------------------
@@ -687,7 +686,7 @@ def test_result_sets_of_proprietary_experiments():
 def test_publishing_result_sets():
     draft = ResultSet(7, OPEN, DEPT_A)
     allow(COLLEAGUE, E.PUBLISH, draft, "result_set.published_visibility")
-    allow(PI, E.PUBLISH, replace(draft, department_id=DEPT_C), "proprietary.pi_owner")
+    allow(PI, E.PUBLISH, replace(draft, department_id=DEPT_C), "result_set.published_visibility")
     reader = user(STRANGER_ID, dept=DEPT_B, read=(DEPT_A,))
     deny(reader, E.PUBLISH, draft, "result_set.published_visibility", mentions="modify rights")
     deny(STRANGER, E.PUBLISH, draft, "result_set.published_visibility")
@@ -959,9 +958,6 @@ def test_zz_every_rule_covered(request):
     if set(everything) - ran:
         pytest.skip("only part of this module was selected; coverage is checked on full runs")
     assert mine[-1] is request.node, "test_zz_every_rule_covered must run last"
-    failed = request.session.testsfailed
-    if failed:
-        pytest.skip(f"{failed} test(s) failed before the coverage check")
     expected = set()
     for name in RULES:
         if name not in DENY_ONLY:
