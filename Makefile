@@ -39,12 +39,20 @@ $(STAMP): pyproject.toml | $(VENV)/bin/python
 	$(VENV)/bin/python -m pip install --disable-pip-version-check -e '.[test]'
 	touch $@
 
-run: $(STAMP)
+# configurable-http-proxy from npm: JupyterHub's proxy (the PyPI re-implementation buffers
+# whole bodies and fails above 100 MiB). Pinned by package-lock.json.
+NODE_STAMP := node_modules/.installed
+$(NODE_STAMP): package.json package-lock.json
+	@command -v npm >/dev/null || { echo "make: npm (Node.js) is needed for configurable-http-proxy" >&2; exit 1; }
+	npm ci --no-audit --no-fund
+	touch $@
+
+run: $(STAMP) $(NODE_STAMP)
 	$(VENV)/bin/labvault init --data-dir $(DATA_DIR)
 	$(VENV)/bin/labvault demo --data-dir $(DATA_DIR)
 	@echo "make run: the JupyterHub is not wired up yet; for now 'run' initialises $(DATA_DIR)/ and seeds the demo world printed above."
 
-test: $(STAMP)
+test: $(STAMP) $(NODE_STAMP)
 	scripts/with-postgres $(VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
 lint: $(STAMP)
@@ -56,7 +64,7 @@ lint: $(STAMP)
 	fi
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache .hypothesis test-artifacts
+	rm -rf $(VENV) node_modules build dist *.egg-info .pytest_cache .ruff_cache .hypothesis test-artifacts
 	find . -path ./.git -prune -o -type d -name __pycache__ -prune -exec rm -rf {} +
 
 clean-data:

@@ -119,7 +119,12 @@ class LabvaultCommand(Application):
     def initialize_subcommand(self, subc, argv=None):
         # A fresh instance each time (not the traitlets singleton), so nothing carries over
         # between two commands run in one process.
-        self.subapp = self.subcommands[subc][0](parent=self)
+        cls = self.subcommands[subc][0]
+        if isinstance(cls, str):  # imported lazily (the service pulls in tornado and jupyterhub)
+            from traitlets.utils.importstring import import_item
+
+            cls = import_item(cls)
+        self.subapp = cls(parent=self)
         self.subapp.initialize(argv)
 
     def initialize(self, argv=None):  # no catch_config_error: launch_instance prints one line
@@ -735,6 +740,8 @@ class LabvaultApp(LabvaultCommand):
         "environment": _sub(EnvironmentCommand, EnvironmentCommand.description),
         "audit": _sub(AuditCommand, AuditCommand.description),
         "demo": _sub(DemoCommand, DemoCommand.description),
+        "service": ("labvault.datastore.service.app.DatastoreService",
+                    "Run the datastore service (JupyterHub starts it as the 'labvault' service)."),
     }
 
 

@@ -32,6 +32,8 @@ from .models import (
     Project,
     Role,
     RoleGrant,
+    Share,
+    ShareState,
     User,
     UserState,
     experiment_projects,
@@ -502,3 +504,116 @@ def list_visible_experiments(session: Session, user: str, now: datetime | None =
     now = now or utcnow()
     subject = load_subject(session, get_user(session, user), now)
     return list(session.scalars(visible_experiments(subject, now)))
+
+
+# --------------------------------------------------------------------------------------
+# sharing: free inside the institution, PI-confirmed outside it
+# --------------------------------------------------------------------------------------
+def share_experiment(factory, actor: Actor, exid: str, user: str, *, role: str = "viewer",
+                     now: datetime | None = None) -> Share:
+    """Share an experiment with ``user``. Inside its institution (or by the PI) the role is
+    granted at once; otherwise the share waits, ``pending``, for the PI to confirm it."""
+    now = now or utcnow()
+    if role not in ("viewer", "writer"):
+        raise OperationError("a share grants the viewer or writer role")
+    target = f"experiment:{exid}"
+    with factory.begin() as session:
+        e = get_experiment(session, exid)
+        u = get_user(session, user)
+        subject = load_subject(session, actor.user_id, now)
+        ev = experiment_value(session, e)
+        target_subject = load_subject(session, u, now)
+        decision = p.decide(subject, "share", p.Share(ev, target_subject, requested_by=subject.user_id), now)
+        pending = (not decision.allowed and decision.rule == "sharing.cross_institution_pi_confirm")
+        if decision.allowed or pending:
+            share = Share(experiment_id=e.id, shared_with_id=u.id, requested_by_id=actor.user_id,
+                          role=Role(role), cross_institution=decision.rule != "sharing.same_institution",
+                          state=ShareState.pending if pending else ShareState.confirmed, created_at=now)
+            if not pending:
+                grant = RoleGrant(user_id=u.id, experiment_id=e.id, role=Role(role),
+                                  granted_by_id=actor.user_id, granted_at=now)
+                session.add(grant)
+                session.flush()
+                share.role_grant_id = grant.id
+                share.decided_by_id, share.decided_at = actor.user_id, now
+            session.add(share)
+            session.flush()
+            _record(session, actor, "share.pending" if pending else "share.create", target, decision, now,
+                    {"user": user, "role": role, "share": share.id})
+            return share
+    raise _refuse(factory, actor, "share.create", target, decision, now)
+
+
+def decide_share(factory, actor: Actor, share_id: int, confirm: bool, now: datetime | None = None) -> Share:
+    """The PI confirms (grants the role) or refuses a pending cross-institution share."""
+    now = now or utcnow()
+    with factory.begin() as session:
+        share = session.get(Share, share_id)
+        if share is None or share.experiment_id is None:
+            raise NotFound(f"unknown share {share_id}")
+        e = session.get(Experiment, share.experiment_id)
+        target = f"experiment:{e.exid}"
+        if share.state != ShareState.pending:
+            raise OperationError(f"share {share_id} is already {share.state.value}")
+        subject = load_subject(session, actor.user_id, now)
+        sh = p.Share(experiment_value(session, e), load_subject(session, share.shared_with_id, now),
+                     requested_by=share.requested_by_id)
+        decision = p.decide(subject, "confirm_share", sh, now)
+        if not confirm and subject.user_id == e.pi_id and subject.state == "active":
+            # the PI may always say no, even when saying yes would be refused (e.g. a vendor)
+            decision = p.Decision(True, "sharing.cross_institution_pi_confirm", "refused by the PI")
+        if decision.allowed:
+            share.state = ShareState.confirmed if confirm else ShareState.refused
+            share.decided_by_id, share.decided_at = actor.user_id, now
+            if confirm:
+                grant = RoleGrant(user_id=share.shared_with_id, experiment_id=e.id, role=share.role,
+                                  granted_by_id=actor.user_id, granted_at=now)
+                session.add(grant)
+                session.flush()
+                share.role_grant_id = grant.id
+            _record(session, actor, "share.confirm" if confirm else "share.refuse", target,
+                    decision, now, {"share": share_id})
+            return share
+    raise _refuse(factory, actor, "share.confirm" if confirm else "share.refuse", target, decision, now)
+
+
+# --------------------------------------------------------------------------------------
+# retention: the PI extends, archives, deletes
+# --------------------------------------------------------------------------------------
+def archive_experiment(factory, actor: Actor, exid: str, policy: p.Policy | None = None,
+                       now: datetime | None = None) -> Experiment:
+    """Archive: keep at least ``retention_minimum_days`` from now (longer if already set)."""
+    now = now or utcnow()
+    policy = policy or p.default_policy()
+    target = f"experiment:{exid}"
+    with factory.begin() as session:
+        e = get_experiment(session, exid)
+        decision = p.decide(load_subject(session, actor.user_id, now), "archive", experiment_value(session, e), now)
+        if decision.allowed:
+            if e.archived_at is None:
+                e.archived_at = now
+            floor = policy.minimum_retain_until(e.archived_at)
+            if e.retain_until is None or e.retain_until < floor:
+                e.retain_until = floor
+            e.status = "archived"
+            _record(session, actor, "retention.archive", target, decision, now,
+                    {"retain_until": e.retain_until.isoformat()})
+            return e
+    raise _refuse(factory, actor, "retention.archive", target, decision, now)
+
+
+def extend_retention(factory, actor: Actor, exid: str, retain_until: datetime,
+                     now: datetime | None = None) -> Experiment:
+    now = now or utcnow()
+    target = f"experiment:{exid}"
+    with factory.begin() as session:
+        e = get_experiment(session, exid)
+        change = p.RetentionChange(experiment_value(session, e), retain_until)
+        decision = p.decide(load_subject(session, actor.user_id, now), "extend_retention", change, now)
+        if decision.allowed:
+            before = e.retain_until
+            e.retain_until = retain_until
+            _record(session, actor, "retention.extend", target, decision, now,
+                    {"from": before.isoformat() if before else None, "to": retain_until.isoformat()})
+            return e
+    raise _refuse(factory, actor, "retention.extend", target, decision, now)

@@ -527,6 +527,8 @@ class Policy(LoggingConfigurable):
         exp = self.read_experiment(s, e, now)
         if e.proprietary and not exp.allowed:
             return exp
+        if e.deleted_at is not None:  # derived data goes with its experiment
+            return _deny("retention.deleted", f"{e.exid} was permanently deleted on {_day(e.deleted_at)}")
         if s.user_id is None:
             if r.published and exp.allowed:
                 return _allow("result_set.published_visibility", "a published result set of a public experiment")

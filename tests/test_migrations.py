@@ -5,14 +5,13 @@ from __future__ import annotations
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
+from conftest import fresh_database_url
 from sqlalchemy import inspect, text
 from sqlalchemy.exc import DBAPIError
 
 from labvault.datastore.db import make_engine
 from labvault.datastore.migrate import current_revision, head_revision, upgrade
 from labvault.datastore.models import Base
-
-from conftest import fresh_database_url
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])

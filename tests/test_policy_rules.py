@@ -947,11 +947,26 @@ def test_truncate_ip_follows_the_policy_traits():
     assert truncate_ip("192.168.17.4", defaults.ipv4_masked_bytes, defaults.ipv6_prefix_bits) == "192.168.x.x"
 
 
+def test_result_sets_of_a_deleted_experiment_are_gone():
+    """Regression: derived data must not outlive its experiment's deletion."""
+    from datetime import datetime, timezone
+
+    from labvault import policies as p
+
+    now = datetime(2026, 6, 1, tzinfo=timezone.utc)
+    e = p.Experiment(id=1, exid="E-DEL", pi_id=1, department_id=5, proprietary=False,
+                     deleted_at=datetime(2026, 5, 1, tzinfo=timezone.utc))
+    rs = p.ResultSet(id=9, experiment=e, department_id=5, published=True)
+    member = p.Subject(user_id=2, department_id=5, read_departments=frozenset({5}), modify_departments=frozenset({5}))
+    check(member, "read", rs, now, allowed=False, rule="retention.deleted", mentions="2026-05-01")
+    check(member, "read", p.Result(rs), now, allowed=False, rule="retention.deleted")
+
+
 # ------------------------------------------------------------------------------------------
 # the meta-test: keep it LAST in this module (pytest runs tests in file order)
 # ------------------------------------------------------------------------------------------
 def test_zz_every_rule_covered(request):
-    mine = [item for item in request.session.items if item.module is request.module]
+    mine = [item for item in request.session.items if getattr(item, "module", None) is request.module]
     everything = [name for name, obj in vars(request.module).items()
                   if name.startswith("test_") and callable(obj)]
     ran = {item.originalname or item.name for item in mine}
@@ -973,3 +988,4 @@ def test_zz_every_rule_covered(request):
         "one-sided rules seen on their other side; fix ALLOW_ONLY / DENY_ONLY: "
         + ", ".join(map(str, unexpected))
     )
+

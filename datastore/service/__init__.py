@@ -1,0 +1,1 @@
+"""The datastore service: a JupyterHub-managed Tornado service, the one enforcement point."""

@@ -1,0 +1,185 @@
+"""The datastore service: the one enforcement point, a JupyterHub-managed Tornado service.
+
+Written the way jupyterhub-idle-culler is: a traitlets Application that reads
+``JUPYTERHUB_API_TOKEN`` / ``JUPYTERHUB_API_URL`` / ``JUPYTERHUB_SERVICE_URL`` /
+``JUPYTERHUB_SERVICE_PREFIX`` when the Hub starts it, and that also runs on its own
+(``labvault service --port 8890``) for tests and debugging. Every request is identified by
+its Hub token, decided by :mod:`labvault.policies`, and audited.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from urllib.parse import urlparse
+
+from tornado import httpserver, ioloop, web
+from traitlets import Bool, Float, Int, Unicode, default
+
+from labvault.datastore.cli import CommandError, LabvaultCommand
+from labvault.datastore.db import make_engine, session_factory
+from labvault.policies import Policy, default_policy, truncate_ip
+
+
+class RateLimiter:
+    """A token bucket per user: ``rate`` requests per second, bursts up to ``burst``."""
+
+    def __init__(self, rate: float, burst: int):
+        self.rate, self.burst = rate, burst
+        self._buckets: dict[str, tuple[float, float]] = {}
+
+    def allow(self, key: str, cost: float = 1.0) -> bool:
+        if self.rate <= 0:
+            return True
+        now = time.monotonic()
+        tokens, last = self._buckets.get(key, (float(self.burst), now))
+        tokens = min(float(self.burst), tokens + (now - last) * self.rate)
+        if tokens < cost:
+            self._buckets[key] = (tokens, now)
+            return False
+        self._buckets[key] = (tokens - cost, now)
+        return True
+
+
+class DatastoreService(LabvaultCommand):
+    """labvault's datastore service (JupyterHub service ``labvault``)."""
+
+    name = "labvault-service"
+    description = "Run the datastore service (normally started by JupyterHub as a managed service)."
+
+    ip = Unicode(help="Interface to listen on (default: from $JUPYTERHUB_SERVICE_URL, else 127.0.0.1).").tag(config=True)
+
+    @default("ip")
+    def _default_ip(self):
+        url = os.environ.get("JUPYTERHUB_SERVICE_URL")
+        return (urlparse(url).hostname if url else None) or "127.0.0.1"
+
+    port = Int(help="Port to listen on (default: from $JUPYTERHUB_SERVICE_URL, else 8890).").tag(config=True)
+
+    @default("port")
+    def _default_port(self):
+        url = os.environ.get("JUPYTERHUB_SERVICE_URL")
+        return (urlparse(url).port if url else None) or 8890
+
+    base_url = Unicode(help="URL prefix (default: $JUPYTERHUB_SERVICE_PREFIX, else /services/labvault/).").tag(config=True)
+
+    @default("base_url")
+    def _default_base_url(self):
+        return os.environ.get("JUPYTERHUB_SERVICE_PREFIX", "/services/labvault/")
+
+    max_body_size = Int(
+        64 * 1024 * 1024,
+        help="Largest request body accepted in one request (bytes); larger uploads go in parts.",
+    ).tag(config=True)
+
+    rate_limit_per_second = Float(
+        200.0,
+        help="""Requests per second each user may make (token bucket refill rate); 0 disables.
+
+        The privacy statement: page views are counted to detect and prevent data harvesting.
+        Requests over the limit get HTTP 429 and an audit event.""",
+    ).tag(config=True)
+
+    rate_limit_burst = Int(2000, help="Requests a user may make in a burst before the rate limit applies.").tag(config=True)
+
+    lease_seconds = Int(
+        300,
+        help="""Lifetime of a direct-read lease of one file's data key (seconds, default 5 minutes).
+
+        A lease is renewed only through a fresh policy decision, so access that ends also ends
+        at the next renewal.""",
+    ).tag(config=True)
+
+    direct_read_root = Unicode(
+        "",
+        help="""Where user servers see the ciphertext store read-only (enables the direct path).
+
+        Empty (the default) disables direct reads: every read is served (decrypted here).
+        Set it only when the deployment mounts the store read-only into user servers.""",
+    ).tag(config=True)
+
+    fake_clock_file = Unicode(
+        "",
+        help="""FOR TESTS ONLY: read the current time (ISO 8601) from this file at each request.
+
+        Lets end-to-end tests move time (e.g. past a facility access window) in a running
+        service. Never set it in production.""",
+    ).tag(config=True)
+
+    trust_xheaders = Bool(
+        True,
+        help="Take the client address from X-Forwarded-For (set by JupyterHub's proxy).",
+    ).tag(config=True)
+
+    def now(self) -> datetime:
+        if self.fake_clock_file:
+            text = Path(self.fake_clock_file).read_text().strip()
+            t = datetime.fromisoformat(text.replace("Z", "+00:00"))
+            return t if t.tzinfo else t.replace(tzinfo=timezone.utc)
+        return datetime.now(timezone.utc)
+
+    def make_app(self) -> web.Application:
+        from .handlers import default_handlers
+
+        self.policy: Policy = default_policy()
+        self.engine = make_engine(self.db_url)
+        self.sessions = session_factory(self.engine)
+        self.limiter = RateLimiter(self.rate_limit_per_second, self.rate_limit_burst)
+        base = "/" + self.base_url.strip("/") + "/"
+        handlers = [(base.rstrip("/") + path, cls) for path, cls in default_handlers]
+        return web.Application(
+            handlers,
+            labvault=self,
+            log_function=self.log_request,
+            default_handler_class=_NotFound,
+            compress_response=False,
+            xsrf_cookies=False,
+        )
+
+    def log_request(self, handler: web.RequestHandler) -> None:
+        """Access log without full IPs, query strings (tokens!) or bodies."""
+        status = handler.get_status()
+        ms = 1000.0 * handler.request.request_time()
+        user = getattr(handler, "lv_user_name", "-")
+        log = self.log.info if status < 400 else self.log.warning
+        if status >= 500:
+            log = self.log.error
+        log("%d %s %s %s %s %.1fms", status, handler.request.method, handler.request.path,
+            user, truncate_ip(handler.request.remote_ip), ms)
+
+    def run(self):
+        if not self.db_url:
+            raise CommandError("no database configured")
+        app = self.make_app()
+        server = httpserver.HTTPServer(app, xheaders=self.trust_xheaders, max_body_size=self.max_body_size)
+        server.listen(self.port, self.ip)
+        self.log.info("labvault datastore service on http://%s:%d%s", self.ip, self.port, self.base_url)
+        loop = ioloop.IOLoop.current()
+
+        def stop(signum, _frame):
+            self.log.info("labvault datastore service stopping (signal %d)", signum)
+            loop.add_callback_from_signal(loop.stop)
+
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
+        loop.start()
+        server.stop()
+        self.engine.dispose()
+
+
+class _NotFound(web.RequestHandler):
+    def prepare(self):
+        self.set_status(404)
+        self.set_header("Content-Type", "application/json")
+        self.finish({"error": "not found", "rule": "default.deny", "reason": f"no such endpoint: {self.request.path}"})
+
+
+def main(argv=None):
+    DatastoreService.launch_instance(argv)
+
+
+if __name__ == "__main__":
+    main()

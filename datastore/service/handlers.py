@@ -1,0 +1,479 @@
+"""REST handlers of the datastore service (``/services/labvault/api/v1/…``).
+
+Every request: who (Hub token → labvault user) → policy → audit → answer. Errors are JSON
+``{"error", "rule", "reason"}`` with the right status, never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+from typing import Any
+
+from jupyterhub.services.auth import HubAuthenticated, UserNotAllowed
+from sqlalchemy import or_, select
+from tornado import web
+
+from labvault import policies as p
+from labvault.datastore import audit
+from labvault.datastore import operations as ops
+from labvault.datastore.access import experiment_value, load_subject, visible_experiments
+from labvault.datastore.models import (
+    AuditEvent,
+    Environment,
+    Experiment,
+    Institution,
+    Share,
+    ShareState,
+    User,
+    UserState,
+)
+
+from . import views
+
+API = "/api/v1"
+SEGMENT = r"([^/]+)"
+
+
+class APIError(web.HTTPError):
+    """An HTTP error with the policy's rule and reason."""
+
+    def __init__(self, status: int, error: str, rule: str = "", reason: str = ""):
+        super().__init__(status, error)
+        self.error, self.rule, self.reason = error, rule, reason or error
+
+
+def denied(decision: p.Decision, status: int = 403) -> APIError:
+    return APIError(status, "forbidden" if status == 403 else "not found", decision.rule, decision.reason)
+
+
+class BaseAPIHandler(HubAuthenticated, web.RequestHandler):
+    """Authenticates with the Hub token, maps to a labvault user, rate-limits, speaks JSON."""
+
+    lv_user: User | None = None
+    lv_user_name = "-"
+
+    @property
+    def service(self):
+        return self.settings["labvault"]
+
+    @property
+    def sessions(self):
+        return self.service.sessions
+
+    def set_default_headers(self):
+        self.set_header("Content-Type", "application/json; charset=utf-8")
+        self.set_header("Cache-Control", "no-store")
+        self.set_header("X-Content-Type-Options", "nosniff")
+
+    def get_current_user(self):  # tornado's sync hook: prepare() has resolved it already
+        return getattr(self, "_lv_model", None)
+
+    async def prepare(self):
+        try:
+            model = await self.hub_auth.get_user(self, sync=False)
+        except Exception:
+            self.log_exception_quietly()
+            raise APIError(503, "authentication unavailable", "default.deny",
+                           "the Hub could not be asked who you are; try again") from None
+        if not model:
+            raise APIError(401, "authentication required", "account.state",
+                           "send a valid JupyterHub token (Authorization: token …)")
+        try:
+            model = self.check_hub_user(model)
+        except UserNotAllowed:
+            raise APIError(403, "forbidden", "default.deny",
+                           f"this token has no access to the labvault service (needs {sorted(self.hub_scopes or [])})") from None
+        if model.get("kind", "user") != "user":
+            raise APIError(403, "forbidden", "default.deny", "only users have labvault accounts")
+        self._lv_model = model
+        self.now = self.service.now()
+        with self.sessions() as s:
+            user = s.scalar(select(User).where(User.name == model["name"]))
+            if user is not None:
+                s.expunge(user)
+        if user is None:
+            raise APIError(403, "forbidden", "account.state", f"{model['name']} has no labvault account")
+        self.lv_user, self.lv_user_name = user, user.name
+        if not self.service.limiter.allow(user.name):
+            decision = p.Decision(False, "abuse.rate_limit",
+                                  "too many requests: slow down (page views are limited to prevent data harvesting)")
+            self.audit("request", f"path:{self.request.path[:200]}", decision)
+            self.set_header("Retry-After", "1")
+            raise denied(decision, 429)
+
+    def log_exception_quietly(self):
+        self.service.log.exception("hub authentication failed")
+
+    def log_exception(self, typ, value, tb):
+        """Tornado logs errors with the client's full IP; we log the path and user only."""
+        if isinstance(value, web.HTTPError):
+            self.service.log.info("%d %s %s: %s", value.status_code, self.request.method,
+                                  self.request.path, getattr(value, "reason", "") or value.log_message)
+        else:
+            self.service.log.error("uncaught error in %s %s", self.request.method, self.request.path,
+                                   exc_info=(typ, value, tb))
+
+    # helpers --------------------------------------------------------------------------
+    @property
+    def actor(self) -> ops.Actor:
+        return ops.Actor(user_id=self.lv_user.id, ip=self.request.remote_ip)
+
+    def subject(self, session) -> p.Subject:
+        return load_subject(session, self.lv_user.id, self.now)
+
+    def audit(self, action: str, target: str, decision: p.Decision, details: dict | None = None) -> None:
+        with self.sessions.begin() as s:
+            audit.append(s, actor=self.lv_user_name, action=action, target=target, decision=decision,
+                         ip=self.request.remote_ip, details=details, now=self.now,
+                         ipv4_masked_bytes=self.service.policy.ipv4_masked_bytes,
+                         ipv6_prefix_bits=self.service.policy.ipv6_prefix_bits)
+
+    def decide(self, session, action: str, resource: object, target: str, *, audit_allowed: bool = True,
+               status: int = 403) -> p.Decision:
+        """Decide; audit (refusals always, allowances unless told not to); raise on refusal."""
+        decision = self.service.policy.decide(self.subject(session), action, resource, self.now)
+        if not decision.allowed:
+            self.audit(action, target, decision)
+            raise denied(decision, status)
+        if audit_allowed:
+            self.audit(action, target, decision)
+        return decision
+
+    def json_body(self) -> dict:
+        if not self.request.body:
+            return {}
+        try:
+            body = json.loads(self.request.body)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise APIError(400, "bad request", "", f"malformed JSON: {e}") from None
+        if not isinstance(body, dict):
+            raise APIError(400, "bad request", "", "expected a JSON object")
+        return body
+
+    def field(self, body: dict, name: str, kind: type = str, required: bool = True) -> Any:
+        value = body.get(name)
+        if value is None:
+            if required:
+                raise APIError(400, "bad request", "", f"missing field {name!r}")
+            return None
+        if kind is datetime:
+            if not isinstance(value, str):
+                raise APIError(400, "bad request", "", f"{name!r} must be an ISO date string")
+            try:
+                t = datetime.fromisoformat(value.replace("Z", "+00:00"))
+            except ValueError:
+                raise APIError(400, "bad request", "", f"{name!r} is not an ISO date: {value!r}") from None
+            return t if t.tzinfo else t.replace(tzinfo=timezone.utc)
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise APIError(400, "bad request", "", f"{name!r} must be a {kind.__name__}")
+        return value
+
+    def experiment(self, session, exid: str) -> Experiment:
+        e = session.scalar(select(Experiment).where(Experiment.exid == exid))
+        if e is None:
+            raise APIError(404, "not found", "default.deny", f"no experiment {exid!r}")
+        return e
+
+    def read_experiment(self, session, exid: str, action: str = "read") -> tuple[Experiment, p.Experiment]:
+        """Load and decide read access. A proprietary experiment one cannot open is a 404:
+        its existence is not revealed (no stubs for proprietary data)."""
+        e = self.experiment(session, exid)
+        ev = experiment_value(session, e)
+        decision = self.service.policy.decide(self.subject(session), action, ev, self.now)
+        if not decision.allowed:
+            self.audit(action, f"experiment:{exid}", decision)
+            raise denied(decision, 404 if e.proprietary else 403)
+        return e, ev
+
+    def run_op(self, fn, *args, **kwargs):
+        """Call a datastore operation; map its errors to HTTP."""
+        try:
+            return fn(self.sessions, self.actor, *args, now=self.now, **kwargs)
+        except ops.Denied as e:
+            raise denied(e.decision) from None
+        except ops.NotFound as e:
+            raise APIError(404, "not found", "", str(e)) from None
+        except ops.OperationError as e:
+            raise APIError(400, "bad request", "", str(e)) from None
+
+    def write_json(self, data: Any, status: int = 200) -> None:
+        self.set_status(status)
+        self.finish(json.dumps(data, default=views.json_default))
+
+    def write_error(self, status_code: int, **kwargs):
+        exc = kwargs.get("exc_info", (None, None, None))[1]
+        if isinstance(exc, APIError):
+            body = {"error": exc.error, "rule": exc.rule, "reason": exc.reason}
+        elif isinstance(exc, web.HTTPError):
+            body = {"error": exc.log_message or self._reason, "rule": "", "reason": exc.log_message or self._reason}
+        else:  # a bug: say so, show nothing of it
+            body = {"error": "internal error", "rule": "", "reason": "the service failed; the error was logged"}
+        self.set_header("Content-Type", "application/json; charset=utf-8")
+        self.finish(json.dumps(body))
+
+
+# --------------------------------------------------------------------------------------
+# me
+# --------------------------------------------------------------------------------------
+class MeHandler(BaseAPIHandler):
+    def get(self):
+        with self.sessions() as s:
+            user = s.get(User, self.lv_user.id)
+            self.write_json(views.me(user))
+
+
+class MeExportHandler(BaseAPIHandler):
+    def get(self):
+        with self.sessions() as s:
+            self.decide(s, "export", p.Account(self.lv_user.id), f"user:{self.lv_user_name}")
+            self.write_json(views.export_personal_data(s, self.lv_user.id))
+
+
+class MeAccessLogHandler(BaseAPIHandler):
+    def get(self):
+        with self.sessions() as s:
+            self.decide(s, "read_audit_trail", p.Account(self.lv_user.id), f"user:{self.lv_user_name}",
+                        audit_allowed=False)
+            events = s.scalars(select(AuditEvent).where(AuditEvent.actor == self.lv_user_name)
+                               .order_by(AuditEvent.seq.desc()).limit(self._limit())).all()
+            self.write_json({"events": [views.event(e) for e in events]})
+
+    def _limit(self) -> int:
+        try:
+            return max(1, min(1000, int(self.get_argument("limit", "100"))))
+        except ValueError:
+            raise APIError(400, "bad request", "", "limit must be a number") from None
+
+
+class MeCloseHandler(BaseAPIHandler):
+    def post(self):
+        body = self.json_body()
+        if body.get("confirm") != self.lv_user_name:
+            raise APIError(400, "bad request", "", "type your user name as 'confirm' to close your account")
+        with self.sessions() as s:
+            self.decide(s, "close", p.Account(self.lv_user.id), f"user:{self.lv_user_name}", audit_allowed=False)
+        ops.set_user_state(self.sessions, self.actor, self.lv_user_name, "closed", now=self.now)
+        self.write_json({"state": "closed", "kept": views.KEPT_AFTER_CLOSING})
+
+
+# --------------------------------------------------------------------------------------
+# people
+# --------------------------------------------------------------------------------------
+class UsersHandler(BaseAPIHandler):
+    """Find people to share with: name and institution only (privacy.identity)."""
+
+    def get(self):
+        q = self.get_argument("q", "").strip()
+        if len(q) < 2:
+            raise APIError(400, "bad request", "", "search needs at least 2 characters")
+        like = f"%{q.lower()}%"
+        with self.sessions() as s:
+            subject = self.subject(s)
+            rows = s.execute(
+                select(User, Institution.name).outerjoin(Institution, Institution.id == User.institution_id)
+                .where(User.state == UserState.active,
+                       or_(User.name.ilike(like), User.display_name.ilike(like)))
+                .order_by(User.name).limit(50)
+            ).all()
+            out = []
+            for user, inst in rows:
+                person = p.Person(user.id, user.institution_id, user.state.value, user.email_visible)
+                if self.service.policy.decide(subject, "view_person", person, self.now).allowed:
+                    item = {"name": user.name, "display_name": user.display_name, "institution": inst}
+                    if self.service.policy.decide(subject, "view_email", person, self.now).allowed:
+                        item["email"] = user.email
+                    out.append(item)
+        self.write_json({"users": out})
+
+
+# --------------------------------------------------------------------------------------
+# experiments
+# --------------------------------------------------------------------------------------
+class ExperimentsHandler(BaseAPIHandler):
+    def get(self):
+        q = self.get_argument("q", "").strip()
+        with self.sessions() as s:
+            subject = self.subject(s)
+            visible = list(s.scalars(visible_experiments(subject, self.now, self.service.policy)))
+            names = views.NameCache(s)
+            items = [views.experiment(e, names) for e in visible]
+            stubs = []
+            if q:
+                items = [i for i in items if q.lower() in (i["exid"] + " " + i["title"]).lower()]
+                seen = {e.id for e in visible}
+                like = f"%{q}%"
+                for e in s.scalars(select(Experiment).where(
+                        or_(Experiment.exid.ilike(like), Experiment.title.ilike(like)),
+                        Experiment.proprietary.is_(False)).limit(50)):
+                    if e.id in seen:
+                        continue
+                    d = self.service.policy.decide(subject, "stub", experiment_value(s, e), self.now)
+                    if d.allowed:
+                        stubs.append(views.stub(e, names))
+        self.write_json({"experiments": items, "stubs": stubs})
+
+    def post(self):
+        body = self.json_body()
+        exid = self.field(body, "exid")
+        self.run_op(
+            ops.add_experiment, exid, pi=self.field(body, "pi"), title=body.get("title") or "",
+            facility=body.get("facility") or "", start_at=self.field(body, "start", datetime, False),
+            end_at=self.field(body, "end", datetime, False), proprietary=bool(body.get("proprietary", True)),
+            department=body.get("department"), projects=body.get("projects") or [],
+        )
+        with self.sessions() as s:
+            self.write_json(views.experiment(self.experiment(s, exid), views.NameCache(s)), 201)
+
+
+class ExperimentHandler(BaseAPIHandler):
+    def get(self, exid):
+        with self.sessions() as s:
+            e, ev = self.read_experiment(s, exid)
+            subject = self.subject(s)
+            data = views.experiment(e, views.NameCache(s))
+            d = self.service.policy.decide(subject, "read", ev, self.now)
+            data["access"] = {"rule": d.rule, "reason": d.reason,
+                              "facility_access_ends": self.service.policy.facility_access_ends(ev)}
+            self.write_json(data)
+
+
+class RolesHandler(BaseAPIHandler):
+    def get(self, exid):
+        with self.sessions() as s:
+            e, _ = self.read_experiment(s, exid)
+            self.write_json({"members": views.members(s, e, self.service.policy, self.subject(s), self.now)})
+
+    def post(self, exid):
+        body = self.json_body()
+        expires = self.field(body, "expires_at", datetime, False)
+        self.run_op(ops.grant_role, exid, self.field(body, "user"), self.field(body, "role"), expires_at=expires)
+        self.get(exid)
+
+
+class RoleHandler(BaseAPIHandler):
+    def delete(self, exid, user):
+        role = self.get_argument("role", None)
+        n = self.run_op(ops.revoke_role, exid, user, role)
+        self.write_json({"revoked": n})
+
+
+class SharesHandler(BaseAPIHandler):
+    def get(self, exid):
+        with self.sessions() as s:
+            e, _ = self.read_experiment(s, exid)
+            q = select(Share).where(Share.experiment_id == e.id)
+            if e.pi_id != self.lv_user.id:
+                q = q.where(or_(Share.requested_by_id == self.lv_user.id, Share.shared_with_id == self.lv_user.id))
+            names = views.NameCache(s)
+            self.write_json({"shares": [views.share(x, names, e.exid) for x in s.scalars(q.order_by(Share.id))]})
+
+    def post(self, exid):
+        body = self.json_body()
+        share = self.run_op(ops.share_experiment, exid, self.field(body, "user"), role=body.get("role") or "viewer")
+        with self.sessions() as s:
+            self.write_json(views.share(s.get(Share, share.id), views.NameCache(s), exid), 201)
+
+
+class ShareDecisionHandler(BaseAPIHandler):
+    def post(self, share_id, verb):
+        if not share_id.isdigit():
+            raise APIError(404, "not found", "", f"no share {share_id!r}")
+        share = self.run_op(ops.decide_share, int(share_id), verb == "confirm")
+        with self.sessions() as s:
+            e = s.get(Experiment, share.experiment_id)
+            self.write_json(views.share(s.get(Share, share.id), views.NameCache(s), e.exid))
+
+
+class PendingSharesHandler(BaseAPIHandler):
+    """Shares waiting for this user's confirmation (as PI)."""
+
+    def get(self):
+        with self.sessions() as s:
+            rows = s.execute(select(Share, Experiment.exid).join(Experiment, Experiment.id == Share.experiment_id)
+                             .where(Experiment.pi_id == self.lv_user.id, Share.state == ShareState.pending)
+                             .order_by(Share.id)).all()
+            names = views.NameCache(s)
+            self.write_json({"shares": [views.share(x, names, exid) for x, exid in rows]})
+
+
+class RetentionHandler(BaseAPIHandler):
+    def post(self, exid):
+        body = self.json_body()
+        until = self.field(body, "retain_until", datetime)
+        self.run_op(ops.extend_retention, exid, until)
+        self._reply(exid)
+
+    def _reply(self, exid):
+        with self.sessions() as s:
+            e = self.experiment(s, exid)
+            self.write_json(views.retention(e, self.now))
+
+
+class ArchiveHandler(RetentionHandler):
+    def post(self, exid):
+        self.run_op(ops.archive_experiment, exid, self.service.policy)
+        self._reply(exid)
+
+
+class PublishHandler(BaseAPIHandler):
+    def post(self, exid):
+        self.run_op(ops.publish_experiment, exid)
+        self.write_json({"exid": exid, "public": True})
+
+
+class ActivityHandler(BaseAPIHandler):
+    """The experiment's activity log (participants) or its full audit trail (PI, admins)."""
+
+    full = False
+
+    def get(self, exid):
+        with self.sessions() as s:
+            e = self.experiment(s, exid)
+            ev = experiment_value(s, e)
+            action = "read_audit_trail" if self.full else "read_activity_log"
+            self.decide(s, action, ev, f"experiment:{exid}", audit_allowed=self.full,
+                        status=404 if e.proprietary else 403)
+            q = select(AuditEvent).where(AuditEvent.target.like(f"experiment:{exid}%"))
+            if not self.full:  # scientific activity: changes that happened, not every read
+                q = q.where(AuditEvent.allowed.is_(True), AuditEvent.action.not_in(views.READ_ACTIONS))
+            events = s.scalars(q.order_by(AuditEvent.seq.desc()).limit(500)).all()
+            self.write_json({"events": [views.event(x, full=self.full) for x in events]})
+
+
+class AuditTrailHandler(ActivityHandler):
+    full = True
+
+
+class EnvironmentsHandler(BaseAPIHandler):
+    def get(self):
+        with self.sessions() as s:
+            subject = self.subject(s)
+            out = []
+            for env in s.scalars(select(Environment).order_by(Environment.name)):
+                d = self.service.policy.decide(subject, "use", views.environment_value(env), self.now)
+                if d.allowed or self.get_argument("all", "") == "1":
+                    out.append(views.environment(env, d))
+            self.write_json({"environments": out})
+
+
+default_handlers = [
+    (f"{API}/me", MeHandler),
+    (f"{API}/me/export", MeExportHandler),
+    (f"{API}/me/access-log", MeAccessLogHandler),
+    (f"{API}/me/close", MeCloseHandler),
+    (f"{API}/users", UsersHandler),
+    (f"{API}/environments", EnvironmentsHandler),
+    (f"{API}/experiments", ExperimentsHandler),
+    (f"{API}/experiments/{SEGMENT}", ExperimentHandler),
+    (f"{API}/experiments/{SEGMENT}/roles", RolesHandler),
+    (f"{API}/experiments/{SEGMENT}/roles/{SEGMENT}", RoleHandler),
+    (f"{API}/experiments/{SEGMENT}/shares", SharesHandler),
+    (f"{API}/experiments/{SEGMENT}/retention", RetentionHandler),
+    (f"{API}/experiments/{SEGMENT}/archive", ArchiveHandler),
+    (f"{API}/experiments/{SEGMENT}/publish", PublishHandler),
+    (f"{API}/experiments/{SEGMENT}/activity", ActivityHandler),
+    (f"{API}/experiments/{SEGMENT}/audit", AuditTrailHandler),
+    (f"{API}/shares/pending", PendingSharesHandler),
+    (f"{API}/shares/([0-9]+)/(confirm|refuse)", ShareDecisionHandler),
+]

@@ -1,0 +1,159 @@
+"""JSON shapes of the service's answers. What a person may see of others is decided here with
+the policy: name and institution, never an e-mail unless its owner allowed it."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from labvault import policies as p
+from labvault.datastore.models import (
+    AuditEvent,
+    Department,
+    Environment,
+    Experiment,
+    Institution,
+    RoleGrant,
+    Share,
+    User,
+    experiment_projects,
+)
+
+#: Audit actions that are reads; the activity log shows changes, the audit trail everything.
+READ_ACTIONS = ("read", "list", "file.read", "file.open", "lease", "request", "read_audit_trail",
+                "read_activity_log", "export", "stub")
+
+#: What stays after an account is closed (privacy statement), told to the user who closes it.
+KEPT_AFTER_CLOSING = [
+    "role history and activity logs of past roles (scientific integrity)",
+    "descriptive metadata of experiments, including author names (needed for publication)",
+    "audit events (tamper-evident log)",
+    "personal data is anonymised one year after closing",
+]
+
+
+def json_default(o):
+    if isinstance(o, datetime):
+        return o.isoformat()
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+class NameCache:
+    """Users' public identity (name + institution), loaded once per request."""
+
+    def __init__(self, session: Session):
+        self.session = session
+        self._users: dict[int, dict] = {}
+
+    def person(self, user_id: int | None) -> dict | None:
+        if user_id is None:
+            return None
+        if user_id not in self._users:
+            row = self.session.execute(
+                select(User.name, User.display_name, Institution.name)
+                .outerjoin(Institution, Institution.id == User.institution_id).where(User.id == user_id)
+            ).first()
+            self._users[user_id] = (
+                {"name": row[0], "display_name": row[1], "institution": row[2]} if row else {"name": f"#{user_id}"}
+            )
+        return self._users[user_id]
+
+
+def experiment(e: Experiment, names: NameCache) -> dict:
+    s = names.session
+    dept = s.get(Department, e.department_id) if e.department_id else None
+    inst = s.get(Institution, e.institution_id)
+    projects = list(s.scalars(select(experiment_projects.c.project_id).where(experiment_projects.c.experiment_id == e.id)))
+    return {
+        "exid": e.exid, "title": e.title, "pi": names.person(e.pi_id), "institution": inst.name if inst else None,
+        "facility": e.facility, "department": dept.name if dept else None, "project_ids": projects,
+        "start": e.start_at, "end": e.end_at, "proprietary": e.proprietary, "public": e.public,
+        "status": "deleted" if e.deleted_at else e.status, "archived_at": e.archived_at,
+        "retain_until": e.retain_until, "deleted_at": e.deleted_at,
+    }
+
+
+def stub(e: Experiment, names: NameCache) -> dict:
+    """Existence only: ID, name, owner, class/type, status (stub.existence)."""
+    return {"exid": e.exid, "title": e.title, "owner": names.person(e.pi_id), "type": "experiment",
+            "status": "deleted" if e.deleted_at else e.status, "stub": True}
+
+
+def members(s: Session, e: Experiment, policy: p.Policy, subject: p.Subject, now: datetime) -> list[dict]:
+    names = NameCache(s)
+    out = [{**names.person(e.pi_id), "role": "pi", "granted_at": e.created_at, "expires_at": None}]
+    ev_end = policy.facility_access_ends(p.Experiment(id=e.id, end_at=e.end_at))
+    grants = s.scalars(select(RoleGrant).where(RoleGrant.experiment_id == e.id, RoleGrant.revoked_at.is_(None))
+                       .order_by(RoleGrant.granted_at)).all()
+    for g in grants:
+        if g.expires_at is not None and g.expires_at <= now:
+            continue
+        item = {**names.person(g.user_id), "role": g.role.value, "granted_at": g.granted_at,
+                "expires_at": g.expires_at}
+        if g.role.value == "facility_staff":
+            item["access_ends"] = ev_end
+            item["active"] = ev_end is None or now < ev_end
+        user = s.get(User, g.user_id)
+        person = p.Person(user.id, user.institution_id, user.state.value, user.email_visible, shares_context=True)
+        if policy.decide(subject, "view_email", person, now).allowed:
+            item["email"] = user.email
+        out.append(item)
+    return out
+
+
+def share(x: Share, names: NameCache, exid: str) -> dict:
+    return {"id": x.id, "exid": exid, "user": names.person(x.shared_with_id),
+            "requested_by": names.person(x.requested_by_id), "role": x.role.value,
+            "cross_institution": x.cross_institution, "state": x.state.value,
+            "decided_by": names.person(x.decided_by_id), "decided_at": x.decided_at, "created_at": x.created_at}
+
+
+def retention(e: Experiment, now: datetime) -> dict:
+    days_left = (e.retain_until - now).days if e.retain_until else None
+    return {"exid": e.exid, "archived_at": e.archived_at, "retain_until": e.retain_until,
+            "days_left": days_left, "status": e.status}
+
+
+def event(e: AuditEvent, full: bool = True) -> dict:
+    out = {"seq": e.seq, "time": e.time, "actor": e.actor, "action": e.action, "target": e.target,
+           "allowed": e.allowed, "rule": e.rule, "reason": e.reason}
+    if full:
+        out["ip"] = e.ip
+    return out
+
+
+def environment_value(env: Environment) -> p.Environment:
+    return p.Environment(env.id, env.name, frozenset(env.licences), env.proprietary, env.institution_id, env.public)
+
+
+def environment(env: Environment, decision: p.Decision) -> dict:
+    return {"name": env.name, "display_name": env.display_name, "image": env.image, "kernelspec": env.kernelspec,
+            "licences": env.licences, "proprietary": env.proprietary, "usable": decision.allowed,
+            "rule": decision.rule, "reason": decision.reason}
+
+
+def me(user: User) -> dict:
+    inst = user.institution
+    return {"name": user.name, "display_name": user.display_name, "institution": inst.name if inst else None,
+            "email": user.email, "email_visible": user.email_visible, "orcid": user.orcid, "state": user.state.value,
+            "admin": user.is_admin, "institutional_email": user.institutional_email,
+            "institutional_email_verified": user.institutional_email_verified_at is not None,
+            "created_at": user.created_at, "last_login_at": user.last_login_at}
+
+
+def export_personal_data(s: Session, user_id: int) -> dict:
+    """Everything labvault holds about one person (right of access), as JSON."""
+    user = s.get(User, user_id)
+    grants = s.scalars(select(RoleGrant).where(RoleGrant.user_id == user_id).order_by(RoleGrant.granted_at)).all()
+    exids = dict(s.execute(select(Experiment.id, Experiment.exid)).all()) if grants else {}
+    events = s.scalars(select(AuditEvent).where(AuditEvent.actor == user.name).order_by(AuditEvent.seq)).all()
+    return {
+        "profile": {**me(user), "phone": user.phone, "last_login_ip": user.last_login_ip,
+                    "confirmed_at": user.confirmed_at, "closed_at": user.closed_at},
+        "roles": [{"experiment": exids.get(g.experiment_id), "project_id": g.project_id, "role": g.role.value,
+                   "granted_at": g.granted_at, "expires_at": g.expires_at, "revoked_at": g.revoked_at} for g in grants],
+        "experiments_as_pi": list(s.scalars(select(Experiment.exid).where(Experiment.pi_id == user_id))),
+        "activity": [event(e) for e in events],
+    }
