@@ -1,18 +1,17 @@
 """Engines and sessions for the metadata database (SQLite for one machine, PostgreSQL beyond).
 
-SQLite gets WAL, foreign keys and a busy timeout, and its transactions begin with
-``BEGIN IMMEDIATE`` so that two writers queue for the lock instead of failing half-way
-(a read-then-write transaction, like an audit append, would otherwise hit SQLITE_BUSY).
+SQLite gets WAL, foreign keys and a busy timeout. Write transactions (``factory.begin()``)
+begin with ``BEGIN IMMEDIATE`` so that two writers queue for the lock instead of failing
+half-way (a read-then-write transaction, like an audit append, would otherwise hit
+SQLITE_BUSY); read sessions (``factory()``) begin DEFERRED, so a reader never holds the write
+lock — a request may read in one session and write an audit event in another.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
-
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import sessionmaker
 
 
 def normalise_url(url: str) -> str:
@@ -42,19 +41,25 @@ def make_engine(url: str, **kwargs) -> Engine:
 
         @event.listens_for(engine, "begin")
         def _sqlite_begin(conn):
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
+            mode = conn.get_execution_options().get("sqlite_begin", "DEFERRED")
+            conn.exec_driver_sql(f"BEGIN {mode}")
 
         return engine
     kwargs.setdefault("pool_pre_ping", True)
     return create_engine(url, **kwargs)
 
 
-def session_factory(engine: Engine) -> sessionmaker[Session]:
-    return sessionmaker(engine, expire_on_commit=False)
+class Sessions(sessionmaker):
+    """A sessionmaker whose ``begin()`` (the write path) takes SQLite's write lock up front."""
+
+    def __init__(self, engine: Engine, **kwargs):
+        super().__init__(engine, **kwargs)
+        self.write_bind = (engine.execution_options(sqlite_begin="IMMEDIATE")
+                           if engine.dialect.name == "sqlite" else engine)
+
+    def begin(self):
+        return self(bind=self.write_bind)._maker_context_manager()
 
 
-@contextmanager
-def transaction(factory: sessionmaker[Session]) -> Iterator[Session]:
-    """One unit of work: commit on success, roll back on any error (nothing half-written)."""
-    with factory.begin() as session:
-        yield session
+def session_factory(engine: Engine) -> Sessions:
+    return Sessions(engine, expire_on_commit=False)

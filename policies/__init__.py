@@ -23,6 +23,7 @@ from .model import (
     PersonalItem,
     Project,
     ProjectAccessChange,
+    RequestRate,
     Result,
     ResultSet,
     RetentionChange,
@@ -37,6 +38,6 @@ __all__ = [
     "ACTIONS", "ANONYMOUS", "ROLES", "RULES", "SYSTEM", "Account", "Decision", "Department",
     "DepartmentAccessChange", "Environment", "Experiment", "File", "Grant", "NewExperiment",
     "NewResultSet", "Person", "PersonalItem", "Policy", "Project", "ProjectAccessChange",
-    "Result", "ResultSet", "RetentionChange", "RoleChange", "Share", "Subject", "decide",
+    "RequestRate", "Result", "ResultSet", "RetentionChange", "RoleChange", "Share", "Subject", "decide",
     "default_policy", "set_default_policy", "truncate_ip",
 ]

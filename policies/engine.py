@@ -32,6 +32,7 @@ from .model import (
     ProjectAccessChange,
     Result,
     ResultSet,
+    RequestRate,
     RetentionChange,
     RoleChange,
     Share,
@@ -72,6 +73,7 @@ CORRECT = "correct"
 CLOSE = "close"
 DELETE_HISTORY = "delete_role_history"
 ERASE_METADATA = "erase_metadata"
+REQUEST = "request"
 
 ACTIONS = frozenset(v for k, v in dict(globals()).items() if k.isupper() and isinstance(v, str))
 
@@ -365,6 +367,7 @@ class Policy(LoggingConfigurable):
             "privacy.role_history_kept",
             "role history is kept for scientific integrity, also after account deletion",
         )
+        h[RequestRate, REQUEST] = self._request_rate
         # environments
         h[Environment, USE] = self._use_environment
         h[Environment, PUBLISH] = self._publish_environment
@@ -809,6 +812,12 @@ class Policy(LoggingConfigurable):
         if s.is_admin and s.state == "active":
             return _allow("audit.full_trail", "admins see full audit trails")
         return _deny("privacy.own_access_log", "an access log is shown to its subject and admins only")
+
+    def _request_rate(self, s: Subject, r: RequestRate, now: datetime) -> Decision:
+        if r.exceeded:
+            return _deny("abuse.rate_limit", "too many requests: slow down (the request rate is "
+                         "limited to prevent data harvesting)")
+        return _allow("abuse.rate_limit", "within the request rate limit")
 
     # ----------------------------------------------------------------------------------
     # environments

@@ -221,6 +221,14 @@ class Account:
 
 
 @dataclass(frozen=True, slots=True)
+class RequestRate:
+    """A user's request rate, as measured by the service's token bucket."""
+
+    exceeded: bool
+    limit_per_second: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
 class Decision:
     """The answer to one question, always with the rule that gave it and a reason."""
 

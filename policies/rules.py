@@ -134,6 +134,9 @@ _RULES = [
     Rule("privacy.data_subject_rights", PRIV,
          "You may access, correct, export and request deletion of your personal data, and close "
          "your account."),
+    Rule("abuse.rate_limit", PRIV,
+         "We process the number of page views to detect and prevent data harvesting (each user's "
+         "request rate is limited)."),
     Rule("public.open_experiment", PRIV,
          "Experimental data will be made publicly accessible upon request of the legal owner."),
     # --- labvault's own --------------------------------------------------------------

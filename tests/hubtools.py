@@ -99,8 +99,8 @@ def start_hub(workdir: Path, db_url: str, *, now=None, service_config: str = "")
     clock_file = workdir / "clock"
     if now is not None:
         clock_file.write_text(now.isoformat())
-    service_cmd = [sys.executable, "-m", "labvault.datastore.cli", "service", f"--db-url={db_url}",
-                   f"--data-dir={workdir / 'data'}"]
+    # the database URL goes in the environment: JupyterHub logs service command lines
+    service_cmd = [sys.executable, "-m", "labvault.datastore.cli", "service", f"--data-dir={workdir / 'data'}"]
     if now is not None:
         service_cmd.append(f"--DatastoreService.fake_clock_file={clock_file}")
     config = f"""
@@ -119,7 +119,8 @@ c.JupyterHub.authenticator_class = "dummy"
 c.JupyterHub.cleanup_servers = True
 c.JupyterHub.services = [
     {{"name": "labvault", "url": "http://127.0.0.1:{service_port}",
-      "command": {service_cmd!r}, "display": False, "oauth_no_confirm": True}},
+      "command": {service_cmd!r}, "environment": {{"LABVAULT_DB_URL": {db_url!r}}},
+      "display": False, "oauth_no_confirm": True}},
     {{"name": "test-admin", "api_token": "{admin_token}"}},
     {{"name": "other-service", "api_token": "{other_token}"}},
 ]

@@ -899,7 +899,7 @@ def test_action_constants():
              "delete", "expire", "mirror", "agree_mirror", "create", "assign_owner",
              "read_activity_log", "read_audit_trail", "view_person", "view_email", "use",
              "service_use", "manage_access", "export", "correct", "close",
-             "delete_role_history", "erase_metadata"}
+             "delete_role_history", "erase_metadata", "request"}
     assert names == set(ACTIONS)
 
 
@@ -961,6 +961,18 @@ def test_result_sets_of_a_deleted_experiment_are_gone():
     check(member, "read", rs, now, allowed=False, rule="retention.deleted", mentions="2026-05-01")
     check(member, "read", p.Result(rs), now, allowed=False, rule="retention.deleted")
 
+
+
+def test_request_rate():
+    """abuse.rate_limit: the service's token bucket says whether the rate was exceeded."""
+    from labvault.policies import RequestRate
+
+    check(ANON_OR_ANY, "request", RequestRate(False, 10.0), allowed=True, rule="abuse.rate_limit")
+    check(ANON_OR_ANY, "request", RequestRate(True, 10.0), allowed=False, rule="abuse.rate_limit",
+          mentions="too many requests")
+
+
+ANON_OR_ANY = Subject(user_id=7)
 
 # ------------------------------------------------------------------------------------------
 # the meta-test: keep it LAST in this module (pytest runs tests in file order)

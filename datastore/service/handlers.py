@@ -96,8 +96,8 @@ class BaseAPIHandler(HubAuthenticated, web.RequestHandler):
             raise APIError(403, "forbidden", "account.state", f"{model['name']} has no labvault account")
         self.lv_user, self.lv_user_name = user, user.name
         if not self.service.limiter.allow(user.name):
-            decision = p.Decision(False, "abuse.rate_limit",
-                                  "too many requests: slow down (page views are limited to prevent data harvesting)")
+            rate = p.RequestRate(True, self.service.rate_limit_per_second)
+            decision = self.service.policy.decide(p.ANONYMOUS, "request", rate, self.now)
             self.audit("request", f"path:{self.request.path[:200]}", decision)
             self.set_header("Retry-After", "1")
             raise denied(decision, 429)
@@ -185,6 +185,12 @@ class BaseAPIHandler(HubAuthenticated, web.RequestHandler):
             self.audit(action, f"experiment:{exid}", decision)
             raise denied(decision, 404 if e.proprietary else 403)
         return e, ev
+
+    def guard(self, exid: str) -> None:
+        """Before changing an experiment: one who cannot read it learns nothing more (404 for
+        proprietary ones) than one who asks to read it."""
+        with self.sessions() as s:
+            self.read_experiment(s, exid)
 
     def run_op(self, fn, *args, **kwargs):
         """Call a datastore operation; map its errors to HTTP."""
@@ -347,6 +353,7 @@ class RolesHandler(BaseAPIHandler):
     def post(self, exid):
         body = self.json_body()
         expires = self.field(body, "expires_at", datetime, False)
+        self.guard(exid)
         self.run_op(ops.grant_role, exid, self.field(body, "user"), self.field(body, "role"), expires_at=expires)
         self.get(exid)
 
@@ -354,6 +361,7 @@ class RolesHandler(BaseAPIHandler):
 class RoleHandler(BaseAPIHandler):
     def delete(self, exid, user):
         role = self.get_argument("role", None)
+        self.guard(exid)
         n = self.run_op(ops.revoke_role, exid, user, role)
         self.write_json({"revoked": n})
 
@@ -370,6 +378,7 @@ class SharesHandler(BaseAPIHandler):
 
     def post(self, exid):
         body = self.json_body()
+        self.guard(exid)
         share = self.run_op(ops.share_experiment, exid, self.field(body, "user"), role=body.get("role") or "viewer")
         with self.sessions() as s:
             self.write_json(views.share(s.get(Share, share.id), views.NameCache(s), exid), 201)
@@ -401,6 +410,7 @@ class RetentionHandler(BaseAPIHandler):
     def post(self, exid):
         body = self.json_body()
         until = self.field(body, "retain_until", datetime)
+        self.guard(exid)
         self.run_op(ops.extend_retention, exid, until)
         self._reply(exid)
 
@@ -412,12 +422,14 @@ class RetentionHandler(BaseAPIHandler):
 
 class ArchiveHandler(RetentionHandler):
     def post(self, exid):
+        self.guard(exid)
         self.run_op(ops.archive_experiment, exid, self.service.policy)
         self._reply(exid)
 
 
 class PublishHandler(BaseAPIHandler):
     def post(self, exid):
+        self.guard(exid)
         self.run_op(ops.publish_experiment, exid)
         self.write_json({"exid": exid, "public": True})
 
@@ -429,11 +441,9 @@ class ActivityHandler(BaseAPIHandler):
 
     def get(self, exid):
         with self.sessions() as s:
-            e = self.experiment(s, exid)
-            ev = experiment_value(s, e)
+            e, ev = self.read_experiment(s, exid)
             action = "read_audit_trail" if self.full else "read_activity_log"
-            self.decide(s, action, ev, f"experiment:{exid}", audit_allowed=self.full,
-                        status=404 if e.proprietary else 403)
+            self.decide(s, action, ev, f"experiment:{exid}", audit_allowed=self.full)
             q = select(AuditEvent).where(AuditEvent.target.like(f"experiment:{exid}%"))
             if not self.full:  # scientific activity: changes that happened, not every read
                 q = q.where(AuditEvent.allowed.is_(True), AuditEvent.action.not_in(views.READ_ACTIONS))

@@ -1,0 +1,319 @@
+"""The datastore service behind a real JupyterHub, called with real user tokens.
+
+One Hub (with the service it manages) per database kind; the labvault world is the demo world.
+Time moves through the service's test clock, so access that ends mid-session is seen to end.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from datetime import datetime, timedelta, timezone
+
+import pytest
+from conftest import fresh_database_url
+from hubtools import start_hub
+from sqlalchemy import select
+
+from labvault.datastore import audit, demo
+from labvault.datastore import operations as ops
+from labvault.datastore.db import make_engine, session_factory
+from labvault.datastore.models import AuditEvent, RoleGrant, User
+
+pytestmark = pytest.mark.slow
+NOW = datetime.now(timezone.utc).replace(microsecond=0)
+
+
+@pytest.fixture(scope="module", params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def hub(request, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp(f"hub-{request.param}")
+    url = fresh_database_url(request, request.param, workdir)
+    engine = make_engine(url)
+    factory = session_factory(engine)
+    demo.seed(factory, ops.Actor(operator="test"), now=NOW)
+    ops.add_user(factory, ops.Actor(operator="test"), "eve", institution=demo.UNI)  # the rate-limit test's
+    config = "c.DatastoreService.rate_limit_per_second = 10.0\nc.DatastoreService.rate_limit_burst = 40\n"
+    (workdir / "data").mkdir(exist_ok=True)
+    (workdir / "data" / "labvault_config.py").write_text(config)
+    h = start_hub(workdir, url, now=NOW)
+    h.factory = factory
+    h.tokens = {}
+    yield h
+    h.stop()
+    engine.dispose()
+
+
+class Client:
+    def __init__(self, hub, token):
+        self.hub, self.token = hub, token
+
+    def __call__(self, method, path, body=None, raw=None, headers=None, via_proxy=False):
+        base = (self.hub.url + "/services/labvault") if via_proxy else self.hub.service_url
+        h = {"Authorization": f"token {self.token}"} if self.token else {}
+        h.update(headers or {})
+        data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+        r = self.hub.http.request(method, base + "/api/v1" + path, body=data, headers=h)
+        try:
+            payload = json.loads(r.data) if r.data else None
+        except ValueError:
+            payload = r.data
+        return r.status, payload
+
+
+@pytest.fixture(scope="module")
+def as_(hub):
+    def client(name):
+        if name not in hub.tokens:
+            hub.tokens[name] = hub.token(name)
+        return Client(hub, hub.tokens[name])
+
+    return client
+
+
+@pytest.fixture(autouse=True)
+def reset_clock(hub):
+    hub.set_clock(NOW)
+    yield
+    hub.set_clock(NOW)
+
+
+def exids(payload):
+    return sorted(e["exid"] for e in payload["experiments"])
+
+
+def last_event(hub, **match):
+    with hub.factory() as s:
+        q = select(AuditEvent).order_by(AuditEvent.seq.desc())
+        for k, v in match.items():
+            q = q.where(getattr(AuditEvent, k) == v)
+        return s.scalars(q).first()
+
+
+# --- tokens -------------------------------------------------------------------------------
+def test_token_misuse(hub):
+    status, body = Client(hub, None)("GET", "/experiments")
+    assert status == 401 and body["error"] == "authentication required"
+    status, body = Client(hub, "0" * 40)("GET", "/experiments")
+    assert status == 401
+    status, body = Client(hub, hub.other_service_token)("GET", "/experiments")
+    assert status == 403 and "no access to the labvault service" in body["reason"]
+    few = hub.token("bob", scopes=["read:users!user=bob"])
+    status, body = Client(hub, few)("GET", "/experiments")
+    assert status == 403
+    hub.ensure_user("stranger")  # a Hub user without a labvault account
+    status, body = Client(hub, hub.token("stranger"))("GET", "/experiments")
+    assert status == 403 and body["rule"] == "account.state"
+    short = hub.token("bob", expires_in=1)
+    time.sleep(2.5)
+    status, _ = Client(hub, short)("GET", "/experiments")
+    assert status == 401
+
+
+# --- listing and reading: who sees what ---------------------------------------------------
+def test_each_user_sees_exactly_what_the_policy_allows(as_):
+    expected = {
+        "alice": ["NLS-2025-0042", "NLS-2026-0001", "NLS-2026-0002"],  # PI
+        "bob": ["NLS-2026-0001", "NLS-2026-0002"],  # writer + public
+        "carol": ["NLS-2026-0002"],  # public only
+        "frank": ["NLS-2026-0001", "NLS-2026-0002"],  # facility (day 10 after the end) + public
+        "vera": ["NLS-2026-0002"],  # vendor: never proprietary
+        "admin": ["NLS-2026-0002"],  # admins read no data by that
+    }
+    for user, want in expected.items():
+        status, body = as_(user)("GET", "/experiments")
+        assert status == 200, body
+        assert exids(body) == want, user
+        assert all("email" not in (e["pi"] or {}) for e in body["experiments"])
+
+
+def test_proprietary_is_not_revealed_and_refusal_is_audited(hub, as_):
+    status, body = as_("carol")("GET", "/experiments/NLS-2026-0001")
+    assert status == 404
+    assert body["rule"] == "proprietary.assigned_only"
+    ev = last_event(hub, actor="carol")
+    assert (ev.action, ev.allowed, ev.rule, ev.target) == ("read", False, "proprietary.assigned_only",
+                                                          "experiment:NLS-2026-0001")
+    assert ev.ip == "127.0.x.x"
+    status, body = as_("vera")("GET", "/experiments/NLS-2026-0001")
+    assert status == 404 and body["rule"] == "vendor.never"
+    status, body = as_("bob")("GET", "/experiments/NLS-2026-0001")
+    assert status == 200 and body["access"]["rule"] == "role.grant"
+    status, body = as_("bob")("GET", "/experiments/NO-SUCH")
+    assert status == 404
+
+
+def test_facility_access_ends_mid_session(hub, as_):
+    frank = as_("frank")
+    status, body = frank("GET", "/experiments/NLS-2026-0001")
+    assert status == 200 and body["access"]["rule"] == "facility.access_window"
+    hub.set_clock(NOW + timedelta(days=21))  # the experiment ended 10 days before NOW: day 31
+    status, body = frank("GET", "/experiments")
+    assert "NLS-2026-0001" not in exids(body)
+    status, body = frank("GET", "/experiments/NLS-2026-0001")
+    assert status == 404 and body["rule"] == "facility.access_window"
+    assert "ended on" in body["reason"]
+
+
+def test_search_shows_stubs_never_for_proprietary(hub, as_):
+    status, body = as_("carol")("GET", "/experiments?q=NLS")
+    assert status == 200
+    assert exids(body) == ["NLS-2026-0002"]
+    assert all(not s["exid"].startswith("NLS-2026-0001") for s in body["stubs"])
+    assert all("NLS-2025-0042" != s["exid"] for s in body["stubs"])
+
+
+# --- roles and sharing --------------------------------------------------------------------
+def test_roles_grant_revoke_and_vendor(hub, as_):
+    alice, carol = as_("alice"), as_("carol")
+    status, body = alice("POST", "/experiments/NLS-2025-0042/roles", {"user": "carol", "role": "viewer"})
+    assert status == 200, body
+    assert "carol" in [m["name"] for m in body["members"]]
+    assert all("email" not in m or m["name"] in ("alice",) for m in body["members"])
+    status, body = carol("GET", "/experiments")
+    assert "NLS-2025-0042" in exids(body)
+    status, body = alice("DELETE", "/experiments/NLS-2025-0042/roles/carol")
+    assert status == 200 and body["revoked"] == 1
+    status, body = carol("GET", "/experiments")
+    assert "NLS-2025-0042" not in exids(body)
+    status, body = alice("POST", "/experiments/NLS-2025-0042/roles", {"user": "vera", "role": "viewer"})
+    assert status == 403 and body["rule"] == "vendor.never"
+    status, body = as_("bob")("POST", "/experiments/NLS-2025-0042/roles", {"user": "carol", "role": "viewer"})
+    assert status == 404  # bob cannot even see that experiment
+    status, body = as_("bob")("POST", "/experiments/NLS-2026-0001/roles", {"user": "carol", "role": "viewer"})
+    assert status == 403 and body["rule"] == "role.manage"
+    with hub.factory() as s:  # history kept: the revoked grant is still there
+        carol_id = s.scalar(select(User.id).where(User.name == "carol"))
+        assert s.scalars(select(RoleGrant).where(RoleGrant.user_id == carol_id)).all()
+
+
+def test_cross_institution_share_needs_the_pi(hub, as_):
+    alice, bob = as_("alice"), as_("bob")
+    # bob is a writer, not a manager: on proprietary data only the PI and managers assign users
+    status, body = bob("POST", "/experiments/NLS-2026-0001/shares", {"user": "carol"})
+    assert status == 403 and body["rule"] == "proprietary.assigned_only"
+    status, _ = alice("POST", "/experiments/NLS-2026-0001/roles", {"user": "bob", "role": "manager"})
+    assert status == 200
+    status, body = bob("POST", "/experiments/NLS-2026-0001/shares", {"user": "carol"})
+    assert status == 201 and body["state"] == "confirmed"  # same institution: at once
+    hub.ensure_user("frank")
+    ops.add_user(hub.factory, ops.Actor(operator="t"), "nina", institution=demo.FACILITY)
+    status, body = bob("POST", "/experiments/NLS-2026-0001/shares", {"user": "nina"})
+    assert status == 201 and body["state"] == "pending" and body["cross_institution"]
+    share_id = body["id"]
+    status, body = as_("nina")("GET", "/experiments")
+    assert "NLS-2026-0001" not in exids(body)  # not before the PI confirms
+    status, body = bob("POST", f"/shares/{share_id}/confirm")
+    assert status == 403 and body["rule"] == "sharing.cross_institution_pi_confirm"
+    status, body = alice("GET", "/shares/pending")
+    assert [x["id"] for x in body["shares"]] == [share_id]
+    status, body = alice("POST", f"/shares/{share_id}/confirm")
+    assert status == 200 and body["state"] == "confirmed"
+    status, body = as_("nina")("GET", "/experiments")
+    assert "NLS-2026-0001" in exids(body)
+    status, body = alice("POST", f"/shares/{share_id}/refuse")
+    assert status == 400 and "already confirmed" in body["reason"]
+
+
+# --- retention and publishing -------------------------------------------------------------
+def test_retention_is_the_pis(hub, as_):
+    alice, bob = as_("alice"), as_("bob")
+    status, body = bob("POST", "/experiments/NLS-2026-0001/archive")
+    assert status == 403 and body["rule"] == "retention.pi_only"
+    status, body = alice("POST", "/experiments/NLS-2026-0001/archive")
+    assert status == 200
+    until = datetime.fromisoformat(body["retain_until"])
+    assert until >= NOW + timedelta(days=365) and body["days_left"] >= 364
+    status, body = alice("POST", "/experiments/NLS-2026-0001/retention",
+                         {"retain_until": (NOW + timedelta(days=100)).isoformat()})
+    assert status == 403 and body["rule"] == "retention.default_minimum"
+    status, body = alice("POST", "/experiments/NLS-2026-0001/retention",
+                         {"retain_until": (NOW + timedelta(days=800)).isoformat()})
+    assert status == 200 and body["days_left"] >= 799
+    status, body = alice("POST", "/experiments/NLS-2026-0001/retention", {"retain_until": "next week"})
+    assert status == 400 and "not an ISO date" in body["reason"]
+
+
+def test_publish(as_):
+    status, body = as_("alice")("POST", "/experiments/NLS-2025-0042/publish")
+    assert status == 403 and body["rule"] == "proprietary.never_public"
+    status, body = as_("bob")("POST", "/experiments/NLS-2026-0002/publish")
+    assert status == 403 and body["rule"] == "retention.pi_only"
+
+
+# --- logs, people, me -----------------------------------------------------------------------
+def test_activity_log_and_audit_trail(as_):
+    status, body = as_("bob")("GET", "/experiments/NLS-2026-0001/activity")
+    assert status == 200
+    assert all(e["allowed"] for e in body["events"]) and "ip" not in (body["events"] or [{}])[0]
+    status, body = as_("bob")("GET", "/experiments/NLS-2026-0001/audit")
+    assert status == 403 and body["rule"] == "audit.full_trail"
+    status, body = as_("alice")("GET", "/experiments/NLS-2026-0001/audit")
+    assert status == 200 and any(not e["allowed"] for e in body["events"])
+    status, body = as_("carol")("GET", "/experiments/NLS-2025-0042/activity")
+    assert status == 404
+
+
+def test_people_search_and_my_data(hub, as_):
+    status, body = as_("bob")("GET", "/users?q=ali")
+    assert status == 200
+    assert body["users"] == [{"name": "alice", "display_name": "Alice Aebi", "institution": demo.UNI}]
+    status, body = as_("bob")("GET", "/users?q=a")
+    assert status == 400
+    status, body = as_("bob")("GET", "/me/export")
+    assert status == 200 and body["profile"]["name"] == "bob" and body["profile"]["email"]
+    assert any(r["experiment"] == "NLS-2026-0001" for r in body["roles"])
+    status, body = as_("bob")("GET", "/me/access-log")
+    assert status == 200 and all(e["actor"] == "bob" for e in body["events"])
+
+
+def test_environments(as_):
+    status, body = as_("frank")("GET", "/environments")
+    assert [e["name"] for e in body["environments"]] == ["python-scientific"]
+    status, body = as_("bob")("GET", "/environments")
+    assert {e["name"] for e in body["environments"]} == {"python-scientific", "detectorco-suite", "alpine-pipeline"}
+    status, body = as_("frank")("GET", "/environments?all=1")
+    refused = {e["name"]: e["rule"] for e in body["environments"] if not e["usable"]}
+    assert refused == {"detectorco-suite": "environment.licensed",
+                       "alpine-pipeline": "environment.proprietary_institution_only"}
+
+
+# --- bad input ------------------------------------------------------------------------------
+def test_bad_input_is_json_never_a_traceback(as_):
+    alice = as_("alice")
+    status, body = alice("POST", "/experiments/NLS-2026-0001/roles", raw=b"{not json")
+    assert status == 400 and "malformed JSON" in body["reason"]
+    status, body = alice("POST", "/experiments/NLS-2026-0001/roles", raw=b"[1, 2]")
+    assert status == 400 and "JSON object" in body["reason"]
+    status, body = alice("POST", "/experiments/NLS-2026-0001/roles", {"user": "bob"})
+    assert status == 400 and "missing field 'role'" in body["reason"]
+    status, body = alice("POST", "/experiments/NLS-2026-0001/roles", {"user": 5, "role": "viewer"})
+    assert status == 400
+    status, body = alice("POST", "/experiments/NLS-2026-0001/roles", {"user": "nobody", "role": "viewer"})
+    assert status == 404 and "unknown user" in body["reason"]
+    status, body = alice("GET", "/no/such/endpoint")
+    assert status == 404 and body["error"] == "not found"
+    status, body = alice("POST", "/shares/999999/confirm")
+    assert status == 404
+
+
+def test_rate_limit_429_and_audited(hub, as_):
+    eve = as_("eve")
+    statuses = [eve("GET", "/me")[0] for _ in range(150)]
+    assert statuses[0] == 200 and 429 in statuses
+    status, body = eve("GET", "/me")
+    assert status == 429 and body["rule"] == "abuse.rate_limit"
+    ev = last_event(hub, actor="eve")
+    assert (ev.action, ev.allowed, ev.rule) == ("request", False, "abuse.rate_limit")
+    time.sleep(2.5)  # the bucket refills
+    assert eve("GET", "/me")[0] == 200
+
+
+def test_through_the_proxy_and_logs_without_full_ips(hub, as_):
+    status, body = as_("bob")("GET", "/me", via_proxy=True)
+    assert status == 200 and body["name"] == "bob"
+    with hub.factory() as s:
+        assert audit.verify(s).ok
+    service_lines = [ln for ln in (hub.workdir / "hub.log").read_text().splitlines() if "[DatastoreService]" in ln]
+    assert service_lines, "the service logs its requests"
+    assert not [ln for ln in service_lines if "127.0.0.1" in ln]
+    assert "postgres@" not in (hub.workdir / "hub.log").read_text()  # no database URL in any log
