@@ -7,6 +7,7 @@ Every request: who (Hub token → labvault user) → policy → audit → answer
 from __future__ import annotations
 
 import json
+import re
 from datetime import datetime, timezone
 from typing import Any
 
@@ -32,7 +33,6 @@ from labvault.datastore.models import (
 from . import views
 
 API = "/api/v1"
-SEGMENT = r"([^/]+)"
 
 
 class APIError(web.HTTPError):
@@ -384,14 +384,20 @@ class SharesHandler(BaseAPIHandler):
             self.write_json(views.share(s.get(Share, share.id), views.NameCache(s), exid), 201)
 
 
-class ShareDecisionHandler(BaseAPIHandler):
-    def post(self, share_id, verb):
+class ShareConfirmHandler(BaseAPIHandler):
+    confirm = True
+
+    def post(self, share_id):
         if not share_id.isdigit():
             raise APIError(404, "not found", "", f"no share {share_id!r}")
-        share = self.run_op(ops.decide_share, int(share_id), verb == "confirm")
+        share = self.run_op(ops.decide_share, int(share_id), self.confirm)
         with self.sessions() as s:
             e = s.get(Experiment, share.experiment_id)
             self.write_json(views.share(s.get(Share, share.id), views.NameCache(s), e.exid))
+
+
+class ShareRefuseHandler(ShareConfirmHandler):
+    confirm = False
 
 
 class PendingSharesHandler(BaseAPIHandler):
@@ -467,23 +473,32 @@ class EnvironmentsHandler(BaseAPIHandler):
             self.write_json({"environments": out})
 
 
-default_handlers = [
-    (f"{API}/me", MeHandler),
-    (f"{API}/me/export", MeExportHandler),
-    (f"{API}/me/access-log", MeAccessLogHandler),
-    (f"{API}/me/close", MeCloseHandler),
-    (f"{API}/users", UsersHandler),
-    (f"{API}/environments", EnvironmentsHandler),
-    (f"{API}/experiments", ExperimentsHandler),
-    (f"{API}/experiments/{SEGMENT}", ExperimentHandler),
-    (f"{API}/experiments/{SEGMENT}/roles", RolesHandler),
-    (f"{API}/experiments/{SEGMENT}/roles/{SEGMENT}", RoleHandler),
-    (f"{API}/experiments/{SEGMENT}/shares", SharesHandler),
-    (f"{API}/experiments/{SEGMENT}/retention", RetentionHandler),
-    (f"{API}/experiments/{SEGMENT}/archive", ArchiveHandler),
-    (f"{API}/experiments/{SEGMENT}/publish", PublishHandler),
-    (f"{API}/experiments/{SEGMENT}/activity", ActivityHandler),
-    (f"{API}/experiments/{SEGMENT}/audit", AuditTrailHandler),
-    (f"{API}/shares/pending", PendingSharesHandler),
-    (f"{API}/shares/([0-9]+)/(confirm|refuse)", ShareDecisionHandler),
+#: The API, as OpenAPI path templates; ``{name}`` is one path segment, passed as a keyword.
+ROUTES = [
+    ("/me", MeHandler),
+    ("/me/export", MeExportHandler),
+    ("/me/access-log", MeAccessLogHandler),
+    ("/me/close", MeCloseHandler),
+    ("/users", UsersHandler),
+    ("/environments", EnvironmentsHandler),
+    ("/experiments", ExperimentsHandler),
+    ("/experiments/{exid}", ExperimentHandler),
+    ("/experiments/{exid}/roles", RolesHandler),
+    ("/experiments/{exid}/roles/{user}", RoleHandler),
+    ("/experiments/{exid}/shares", SharesHandler),
+    ("/experiments/{exid}/retention", RetentionHandler),
+    ("/experiments/{exid}/archive", ArchiveHandler),
+    ("/experiments/{exid}/publish", PublishHandler),
+    ("/experiments/{exid}/activity", ActivityHandler),
+    ("/experiments/{exid}/audit", AuditTrailHandler),
+    ("/shares/pending", PendingSharesHandler),
+    ("/shares/{share_id}/confirm", ShareConfirmHandler),
+    ("/shares/{share_id}/refuse", ShareRefuseHandler),
 ]
+
+
+def _pattern(template: str) -> str:
+    return re.sub(r"\{(\w+)\}", r"(?P<\1>[^/]+)", template)
+
+
+default_handlers = [(API + _pattern(t), cls) for t, cls in ROUTES]
