@@ -30,6 +30,7 @@ from .models import (
     InstitutionIdentifier,
     Licence,
     Project,
+    ResultSet,
     Role,
     RoleGrant,
     Share,
@@ -37,6 +38,7 @@ from .models import (
     User,
     UserState,
     experiment_projects,
+    result_set_projects,
     utcnow,
 )
 
@@ -617,3 +619,56 @@ def extend_retention(factory, actor: Actor, exid: str, retain_until: datetime,
                     {"from": before.isoformat() if before else None, "to": retain_until.isoformat()})
             return e
     raise _refuse(factory, actor, "retention.extend", target, decision, now)
+
+
+# --------------------------------------------------------------------------------------
+# result sets: derived data, visible outside their department once published
+# --------------------------------------------------------------------------------------
+def result_set_value(session: Session, rs: ResultSet, ev: p.Experiment | None = None) -> p.ResultSet:
+    if ev is None:
+        ev = experiment_value(session, session.get(Experiment, rs.experiment_id))
+    projects = frozenset(session.scalars(
+        select(result_set_projects.c.project_id).where(result_set_projects.c.result_set_id == rs.id)))
+    return p.ResultSet(rs.id, ev, rs.department_id, projects, rs.published_at is not None, rs.created_by_id)
+
+
+def create_result_set(factory, actor: Actor, exid: str, name: str, *, kind: str = "analysis",
+                      department_id: int | None = None, now: datetime | None = None) -> ResultSet:
+    """Upload a result set: it belongs to the experiment's department and inherits its projects."""
+    now = now or utcnow()
+    name = (name or "").strip()
+    if not name or len(name) > 200:
+        raise OperationError("a result set needs a name (at most 200 characters)")
+    target = f"experiment:{exid}"
+    with factory.begin() as session:
+        e = get_experiment(session, exid)
+        ev = experiment_value(session, e)
+        subject = load_subject(session, actor.user_id, now)
+        decision = p.decide(subject, "upload_results", p.NewResultSet(ev, department_id), now)
+        if decision.allowed:
+            rs = ResultSet(experiment_id=e.id, department_id=department_id or e.department_id, name=name,
+                           kind=kind, created_by_id=actor.user_id, created_at=now)
+            session.add(rs)
+            session.flush()
+            for pid in ev.project_ids:  # a result set inherits the experiment's projects
+                session.execute(result_set_projects.insert().values(project_id=pid, result_set_id=rs.id))
+            _record(session, actor, "result_set.create", target, decision, now, {"result_set": rs.id, "name": name})
+            return rs
+    raise _refuse(factory, actor, "result_set.create", target, decision, now)
+
+
+def publish_result_set(factory, actor: Actor, result_set_id: int, now: datetime | None = None) -> ResultSet:
+    now = now or utcnow()
+    with factory.begin() as session:
+        rs = session.get(ResultSet, result_set_id)
+        if rs is None:
+            raise NotFound(f"unknown result set {result_set_id}")
+        e = session.get(Experiment, rs.experiment_id)
+        target = f"experiment:{e.exid}/result-set:{rs.id}"
+        decision = p.decide(load_subject(session, actor.user_id, now), "publish", result_set_value(session, rs), now)
+        if decision.allowed:
+            rs.published_at = rs.published_at or now
+            rs.status = "published"
+            _record(session, actor, "result_set.publish", target, decision, now)
+            return rs
+    raise _refuse(factory, actor, "result_set.publish", target, decision, now)

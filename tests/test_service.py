@@ -334,3 +334,25 @@ def test_through_the_proxy_and_logs_without_full_ips(hub, as_):
     assert service_lines, "the service logs its requests"
     assert not [ln for ln in service_lines if "127.0.0.1" in ln]
     assert "postgres@" not in (hub.workdir / "hub.log").read_text()  # no database URL in any log
+
+
+def test_result_sets_visible_outside_the_department_once_published(hub, as_):
+    """Non-proprietary NLS-2026-0002 (department Structural Biology, public): carol (Materials
+    Science) sees its result sets only once published; bob (same department) always."""
+    alice, bob, carol = as_("alice"), as_("bob"), as_("carol")
+    status, body = bob("POST", "/experiments/NLS-2026-0002/result-sets", {"name": "integration run 1"})
+    assert status == 201, body
+    rs = body["id"]
+    assert body["published"] is False
+    status, body = carol("POST", "/experiments/NLS-2026-0002/result-sets", {"name": "mine"})
+    assert status == 403 and body["rule"] == "ownership.upload_results"
+    status, body = carol("GET", "/experiments/NLS-2026-0002/result-sets")
+    assert status == 200 and rs not in [x["id"] for x in body["result_sets"]]
+    status, body = carol("POST", f"/result-sets/{rs}/publish")
+    assert status == 404  # carol cannot read it, so it does not exist for her
+    status, body = alice("POST", f"/result-sets/{rs}/publish")
+    assert status == 200 and body["published"] is True
+    status, body = carol("GET", "/experiments/NLS-2026-0002/result-sets")
+    assert rs in [x["id"] for x in body["result_sets"]]
+    status, body = bob("POST", "/experiments/NLS-2026-0002/result-sets", {"name": ""})
+    assert status == 400

@@ -24,6 +24,7 @@ from labvault.datastore.models import (
     Environment,
     Experiment,
     Institution,
+    ResultSet,
     Share,
     ShareState,
     User,
@@ -461,6 +462,48 @@ class AuditTrailHandler(ActivityHandler):
     full = True
 
 
+class ResultSetsHandler(BaseAPIHandler):
+    """Result sets of an experiment: listed only where the policy lets the user read them."""
+
+    def get(self, exid):
+        with self.sessions() as s:
+            e, ev = self.read_experiment(s, exid)
+            subject = self.subject(s)
+            out = []
+            for rs in s.scalars(select(ResultSet).where(ResultSet.experiment_id == e.id).order_by(ResultSet.id)):
+                value = ops.result_set_value(s, rs, ev)
+                if self.service.policy.decide(subject, "list", value, self.now).allowed:
+                    out.append(views.result_set(rs, value, views.NameCache(s), exid))
+            self.write_json({"result_sets": out})
+
+    def post(self, exid):
+        body = self.json_body()
+        name = self.field(body, "name")
+        self.guard(exid)
+        rs = self.run_op(ops.create_result_set, exid, name, kind=body.get("kind") or "analysis")
+        with self.sessions() as s:
+            rs = s.get(ResultSet, rs.id)
+            self.write_json(views.result_set(rs, ops.result_set_value(s, rs), views.NameCache(s), exid), 201)
+
+
+class ResultSetPublishHandler(BaseAPIHandler):
+    def post(self, result_set_id):
+        if not result_set_id.isdigit():
+            raise APIError(404, "not found", "", f"no result set {result_set_id!r}")
+        with self.sessions() as s:
+            rs = s.get(ResultSet, int(result_set_id))
+            if rs is None:
+                raise APIError(404, "not found", "", f"no result set {result_set_id}")
+            value = ops.result_set_value(s, rs)
+            if not self.service.policy.decide(self.subject(s), "read", value, self.now).allowed:
+                raise APIError(404, "not found", "", f"no result set {result_set_id}")
+        rs = self.run_op(ops.publish_result_set, int(result_set_id))
+        with self.sessions() as s:
+            rs = s.get(ResultSet, rs.id)
+            exid = s.get(Experiment, rs.experiment_id).exid
+            self.write_json(views.result_set(rs, ops.result_set_value(s, rs), views.NameCache(s), exid))
+
+
 class EnvironmentsHandler(BaseAPIHandler):
     def get(self):
         with self.sessions() as s:
@@ -491,6 +534,8 @@ ROUTES = [
     ("/experiments/{exid}/publish", PublishHandler),
     ("/experiments/{exid}/activity", ActivityHandler),
     ("/experiments/{exid}/audit", AuditTrailHandler),
+    ("/experiments/{exid}/result-sets", ResultSetsHandler),
+    ("/result-sets/{result_set_id}/publish", ResultSetPublishHandler),
     ("/shares/pending", PendingSharesHandler),
     ("/shares/{share_id}/confirm", ShareConfirmHandler),
     ("/shares/{share_id}/refuse", ShareRefuseHandler),

@@ -110,6 +110,12 @@ def share(x: Share, names: NameCache, exid: str) -> dict:
             "decided_by": names.person(x.decided_by_id), "decided_at": x.decided_at, "created_at": x.created_at}
 
 
+def result_set(rs, value: p.ResultSet, names: NameCache, exid: str) -> dict:
+    return {"id": rs.id, "exid": exid, "name": rs.name, "kind": rs.kind, "published": value.published,
+            "published_at": rs.published_at, "created_by": names.person(rs.created_by_id),
+            "project_ids": sorted(value.project_ids), "created_at": rs.created_at}
+
+
 def retention(e: Experiment, now: datetime) -> dict:
     days_left = (e.retain_until - now).days if e.retain_until else None
     return {"exid": e.exid, "archived_at": e.archived_at, "retain_until": e.retain_until,
