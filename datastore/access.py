@@ -13,8 +13,9 @@ from __future__ import annotations
 
 from collections import defaultdict
 from datetime import datetime
+from functools import lru_cache
 
-from sqlalchemy import Select, and_, false, or_, select, union
+from sqlalchemy import Integer, Select, and_, bindparam, exists, false, or_, select, union
 from sqlalchemy.orm import Session
 
 from labvault import policies as p
@@ -28,6 +29,7 @@ from .models import (
     RoleGrant,
     User,
     UserState,
+    UTCDateTime,
     experiment_projects,
 )
 
@@ -170,3 +172,41 @@ def visible_experiments(subject: p.Subject, now: datetime, policy: p.Policy | No
     """A SELECT of Experiment rows ``subject`` may read, ordered by exID."""
     ids = visible_experiment_ids(subject, now, policy).subquery("ids")
     return select(Experiment).join(ids, Experiment.id == ids.c.id).order_by(Experiment.exid)
+
+
+@lru_cache(maxsize=1)
+def _listing_statement() -> Select:
+    """The list query as ONE statement with bind parameters (:uid, :now, :cutoff), built once.
+
+    Unlike :func:`visible_experiment_ids` it needs nothing loaded beforehand: the account
+    state and the vendor flag are checked in SQL too, so a listing is one round trip.
+    """
+    uid = bindparam("uid", type_=Integer)
+    now = bindparam("now", type_=UTCDateTime())
+    cutoff = bindparam("cutoff", type_=UTCDateTime())
+    anonymous_subject = p.Subject(user_id=uid)  # type: ignore[arg-type]
+
+    class _BoundCutoff:  # policy.facility_cutoff(now) -> the :cutoff parameter
+        @staticmethod
+        def facility_cutoff(_now):
+            return cutoff
+
+    ids = visible_experiment_ids(anonymous_subject, now, _BoundCutoff()).subquery("visible")  # type: ignore[arg-type]
+    active = exists().where(User.id == uid, User.state == UserState.active)
+    vendor = exists().where(User.id == uid, Institution.id == User.institution_id, Institution.is_vendor.is_(True))
+    return (
+        select(Experiment)
+        .join(ids, Experiment.id == ids.c.id)
+        .where(active, or_(Experiment.proprietary.is_(False), ~vendor))
+        .order_by(Experiment.exid)
+    )
+
+
+def list_visible(session: Session, user_id: int | None, now: datetime,
+                 policy: p.Policy | None = None) -> list[Experiment]:
+    """The experiments ``user_id`` may read at ``now`` (anonymous: ``None``), in one query."""
+    policy = policy or p.default_policy()
+    if user_id is None:
+        return list(session.scalars(visible_experiments(p.ANONYMOUS, now, policy)))
+    params = {"uid": user_id, "now": now, "cutoff": policy.facility_cutoff(now)}
+    return list(session.scalars(_listing_statement(), params))

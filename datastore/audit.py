@@ -15,12 +15,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
-from sqlalchemy import select
+from sqlalchemy import bindparam, select, text
 from sqlalchemy.orm import Session
 
 from labvault.policies import Decision, truncate_ip
 
-from .models import AuditEvent, AuditHead, utcnow
+from .db import FLUSH_ON_CHECKIN
+from .models import AuditEvent, AuditHead, UTCDateTime, utcnow
 
 GENESIS = "0" * 64
 
@@ -57,19 +58,22 @@ def append(
     ipv6_prefix_bits: int = 48,
 ) -> AuditEvent:
     """Append one event in ``session``'s transaction. ``ip`` is truncated before storage."""
-    head = session.execute(
-        select(AuditHead).where(AuditHead.id == 1).with_for_update()
-    ).scalar_one()
     if len(actor) > 100 or len(action) > 50:
         raise ValueError("audit actor or action name too long")
     time = (now or utcnow()).astimezone(timezone.utc)
     masked = truncate_ip(ip, ipv4_masked_bytes, ipv6_prefix_bits) if ip else "-"
     details = json.loads(json.dumps(details or {}, sort_keys=True, default=str))
+    target = target[:1100]
+    if session.get_bind().dialect.name == "postgresql":
+        return _append_postgresql(session, time, actor, action, target, decision, masked, details)
+    head = session.execute(
+        select(AuditHead).where(AuditHead.id == 1).with_for_update()
+    ).scalar_one()
     seq = head.seq + 1
-    h = event_hash(head.hash, seq, time, actor, action, target[:1100], decision.allowed,
+    h = event_hash(head.hash, seq, time, actor, action, target, decision.allowed,
                    decision.rule, decision.reason, masked, details)
     event = AuditEvent(
-        seq=seq, time=time, actor=actor, action=action, target=target[:1100],
+        seq=seq, time=time, actor=actor, action=action, target=target,
         allowed=decision.allowed, rule=decision.rule, reason=decision.reason, ip=masked,
         details=details, prev_hash=head.hash, hash=h,
     )
@@ -78,6 +82,63 @@ def append(
     head.hash = h
     session.flush()
     return event
+
+
+# One statement: lock the head, advance it with the new hash (computed by the database from the
+# same canonical JSON as event_hash), and insert the event. The head lock is the chain's one
+# serialisation point, so it is held as briefly as possible: see _durable_after_commit.
+_PG_APPEND = text("""
+WITH old AS (SELECT seq, hash FROM audit_head WHERE id = 1 FOR UPDATE),
+new AS (
+    UPDATE audit_head
+    SET seq = old.seq + 1,
+        hash = encode(sha256(convert_to(old.hash || '[' || (old.seq + 1)::text || ',' || :tail, 'UTF8')), 'hex')
+    FROM old WHERE audit_head.id = 1
+    RETURNING audit_head.seq AS seq, audit_head.hash AS hash, old.hash AS prev_hash
+)
+INSERT INTO audit_events (seq, time, actor, action, target, allowed, rule, reason, ip, details, prev_hash, hash)
+SELECT new.seq, :time, :actor, :action, :target, :allowed, :rule, :reason, :ip, CAST(:details AS JSON),
+       new.prev_hash, new.hash
+FROM new
+RETURNING seq, prev_hash, hash
+""").bindparams(bindparam("time", type_=UTCDateTime()))
+
+
+def _append_postgresql(session, time, actor, action, target, decision, masked, details) -> AuditEvent:
+    fields = [_iso(time), actor, action, target, bool(decision.allowed), decision.rule, decision.reason,
+              masked, details]
+    # event_hash hashes json.dumps([seq, *fields]); with these separators that is
+    # "[" + str(seq) + "," + json.dumps(fields)[1:], so the database only adds the seq
+    tail = json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=False)[1:]
+    _durable_after_commit(session)
+    row = session.execute(_PG_APPEND, {
+        "tail": tail, "time": time, "actor": actor, "action": action, "target": target,
+        "allowed": bool(decision.allowed), "rule": decision.rule, "reason": decision.reason, "ip": masked,
+        "details": json.dumps(details, sort_keys=True),
+    }).one()
+    return AuditEvent(seq=row.seq, time=time, actor=actor, action=action, target=target,
+                      allowed=decision.allowed, rule=decision.rule, reason=decision.reason, ip=masked,
+                      details=details, prev_hash=row.prev_hash, hash=row.hash)
+
+
+def _durable_after_commit(session: Session) -> None:
+    """Commit without waiting for the disk while the head lock is held, then wait for it.
+
+    The transaction commits with synchronous_commit off, which releases the head lock as soon
+    as the commit is in the WAL buffers (not after an fsync), so the next writer can go on.
+    When the connection goes back to the pool — after the commit, before the caller's
+    ``with`` block returns — a tiny synchronous transaction on it waits until the WAL is flushed
+    up to that point, our commit included (:func:`labvault.datastore.db.make_engine` installs
+    that hook), and concurrent writers' waits share one fsync (group commit). So the caller
+    hears of success only once the event is durable: a crash can lose an event whose request
+    never succeeded, never one that did, and WAL order means a flushed event implies every
+    earlier one, so the chain has no holes.
+    """
+    conn = session.connection()
+    info = conn.connection.info
+    if not info.get(FLUSH_ON_CHECKIN):
+        conn.execute(text("SET LOCAL synchronous_commit TO OFF"))
+        info[FLUSH_ON_CHECKIN] = True
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,9 @@ from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import sessionmaker
 
+#: Connection-record flag: the last transaction committed asynchronously; flush at check-in.
+FLUSH_ON_CHECKIN = "labvault_flush_wal"
+
 
 def normalise_url(url: str) -> str:
     """Use psycopg 3 for ``postgresql://`` URLs."""
@@ -46,7 +49,18 @@ def make_engine(url: str, **kwargs) -> Engine:
 
         return engine
     kwargs.setdefault("pool_pre_ping", True)
-    return create_engine(url, **kwargs)
+    engine = create_engine(url, **kwargs)
+
+    @event.listens_for(engine, "checkin")
+    def _flush_wal(dbapi_conn, record):
+        # audit.append commits with synchronous_commit off; before the connection is reused or
+        # the caller goes on, wait until the WAL is on disk (see audit._durable_after_commit)
+        if dbapi_conn is not None and record.info.pop(FLUSH_ON_CHECKIN, False):
+            with dbapi_conn.cursor() as cur:
+                cur.execute("SELECT pg_current_xact_id()")
+            dbapi_conn.commit()
+
+    return engine
 
 
 class Sessions(sessionmaker):

@@ -20,7 +20,7 @@ from labvault import policies as p
 from labvault.policies import Decision
 
 from . import audit
-from .access import experiment_value, load_subject, visible_experiments
+from .access import experiment_value, list_visible, load_subject
 from .models import (
     Department,
     DepartmentMembership,
@@ -503,9 +503,7 @@ def publish_experiment(factory, actor: Actor, exid: str, now: datetime | None = 
 
 
 def list_visible_experiments(session: Session, user: str, now: datetime | None = None) -> list[Experiment]:
-    now = now or utcnow()
-    subject = load_subject(session, get_user(session, user), now)
-    return list(session.scalars(visible_experiments(subject, now)))
+    return list_visible(session, get_user(session, user).id, now or utcnow())
 
 
 # --------------------------------------------------------------------------------------

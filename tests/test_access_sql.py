@@ -14,7 +14,12 @@ from hypothesis import strategies as st
 from sqlalchemy import select
 
 from labvault import policies as p
-from labvault.datastore.access import experiment_value, load_subject, visible_experiment_ids
+from labvault.datastore.access import (
+    experiment_value,
+    list_visible,
+    load_subject,
+    visible_experiment_ids,
+)
 from labvault.datastore.models import (
     Department,
     DepartmentMembership,
@@ -141,6 +146,9 @@ def _check_world(sessions, w, now):
                     in_sql = set(s.scalars(visible_experiment_ids(subject, moment)))
                     by_policy = {v.id for v in values if p.decide(subject, "read", v, moment).allowed}
                     assert in_sql == by_policy, (subject, moment, in_sql ^ by_policy)
+                    # the one-statement listing (state and vendor checked in SQL) agrees too
+                    listed = [e.id for e in list_visible(s, subject.user_id, moment)]
+                    assert set(listed) == by_policy and len(listed) == len(by_policy)
         finally:
             s.rollback()
 

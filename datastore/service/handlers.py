@@ -18,7 +18,7 @@ from tornado import web
 from labvault import policies as p
 from labvault.datastore import audit
 from labvault.datastore import operations as ops
-from labvault.datastore.access import experiment_value, load_subject, visible_experiments
+from labvault.datastore.access import experiment_value, list_visible, load_subject
 from labvault.datastore.models import (
     AuditEvent,
     Environment,
@@ -301,12 +301,12 @@ class ExperimentsHandler(BaseAPIHandler):
     def get(self):
         q = self.get_argument("q", "").strip()
         with self.sessions() as s:
-            subject = self.subject(s)
-            visible = list(s.scalars(visible_experiments(subject, self.now, self.service.policy)))
+            visible = list_visible(s, self.lv_user.id, self.now, self.service.policy)
             names = views.NameCache(s)
             items = [views.experiment(e, names) for e in visible]
             stubs = []
             if q:
+                subject = self.subject(s)
                 items = [i for i in items if q.lower() in (i["exid"] + " " + i["title"]).lower()]
                 seen = {e.id for e in visible}
                 like = f"%{q}%"

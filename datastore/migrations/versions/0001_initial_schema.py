@@ -259,6 +259,9 @@ def upgrade() -> None:
     sa.PrimaryKeyConstraint('id', name=op.f('pk_projects')),
     sa.UniqueConstraint('institution_id', 'name', name=op.f('uq_projects_institution_id'))
     )
+    with op.batch_alter_table('projects', schema=None) as batch_op:
+        batch_op.create_index(batch_op.f('ix_projects_pi_id'), ['pi_id'], unique=False)
+
     op.create_table('experiment_projects',
     sa.Column('project_id', sa.Integer(), nullable=False),
     sa.Column('experiment_id', sa.Integer(), nullable=False),
@@ -445,6 +448,9 @@ def downgrade() -> None:
         batch_op.drop_index('ix_experiment_projects_experiment')
 
     op.drop_table('experiment_projects')
+    with op.batch_alter_table('projects', schema=None) as batch_op:
+        batch_op.drop_index(batch_op.f('ix_projects_pi_id'))
+
     op.drop_table('projects')
     with op.batch_alter_table('personal_shares', schema=None) as batch_op:
         batch_op.drop_index('ix_personal_shares_with')
