@@ -11,6 +11,10 @@
     labvault licence add               licences an institution holds
     labvault environment add|list      kernel environments and the licences they need
     labvault audit verify|list         the hash-chained audit log
+    labvault ingest EXID PATH...       store files encrypted on every storage location (resumable)
+    labvault file list|delete          stored files; delete = crypto-shred (PI's decision)
+    labvault scrub [EXID]              verify every chunk on every replica and repair
+    labvault keys rotate|list          master keys: re-wrap every data key under a new one
     labvault demo                      seed the demo world (idempotent) and print it
 
 Bad input prints one line on stderr and exits 2 (refusals by the policy exit 3); every change
@@ -35,6 +39,7 @@ from labvault import __version__
 from . import operations as ops
 from .db import make_engine, session_factory
 from .migrate import current_revision, head_revision, upgrade
+from .store.errors import StoreError
 
 EXIT_USAGE = 2
 EXIT_DENIED = 3
@@ -173,7 +178,7 @@ class LabvaultCommand(Application):
         except ops.Denied as e:
             print(f"labvault: {e}", file=sys.stderr)
             sys.exit(EXIT_DENIED)
-        except (CommandError, ops.OperationError) as e:
+        except (CommandError, ops.OperationError, StoreError) as e:
             print(f"labvault: {e}", file=sys.stderr)
             sys.exit(EXIT_USAGE)
         except OperationalError as e:
@@ -214,6 +219,12 @@ class LabvaultCommand(Application):
     def actor(self) -> ops.Actor:
         return ops.Actor(operator=self.operator)
 
+    def chunk_store(self):
+        """The chunk store, configured from this command's config (c.ChunkStore...)."""
+        from .store import ChunkStore
+
+        return ChunkStore(parent=self, sessions=self.factory, data_dir=str(Path(self.data_dir).resolve()))
+
     def actor_as(self, user: str) -> ops.Actor:
         if not user:
             return self.actor
@@ -228,7 +239,8 @@ def _sub(cls, help_):
 # ---------------------------------------------------------------------------------------
 class InitCommand(LabvaultCommand):
     name = "labvault-init"
-    description = "Create the data directory (mode 0700) and bring the database to the newest schema."
+    description = ("Create the data directory (mode 0700), the master key (0600) and the storage "
+                   "locations, and bring the database to the newest schema.")
 
     def run(self):
         d = Path(self.data_dir)
@@ -236,8 +248,13 @@ class InitCommand(LabvaultCommand):
         os.chmod(d, 0o700)
         engine = make_engine(self.db_url)
         upgrade(engine)
+        store = self.chunk_store()
+        made = store.prepare_locations()
         print(f"labvault: data directory {d.resolve()}")
         print(f"labvault: database at revision {current_revision(engine)} ({_safe_url(self.db_url)})")
+        print(f"labvault: master key {store.key_provider.current_key_id()}")
+        for path in made:
+            print(f"labvault: storage location {path}")
 
 
 def _safe_url(url: str) -> str:
@@ -711,6 +728,138 @@ class AuditCommand(LabvaultCommand):
                    "list": _sub(AuditList, AuditList.description)}
 
 
+# ---------------------------------------------------------------------------------------
+class IngestCommand(LabvaultCommand):
+    name = "labvault-ingest"
+    description = ("Store files in an experiment, encrypted on every storage location: "
+                   "labvault ingest EXID PATH... [--dest-prefix P] (re-run to resume)")
+    nargs, usage = (2, -1), "EXID PATH..."
+    dest_prefix = Unicode("", help="Folder inside the experiment to store the files under.").tag(config=True)
+    by = Unicode("", help="Upload as this labvault user (decided by the policy; default: operator).").tag(config=True)
+    progress = Bool(True, help="Show a progress bar on a terminal.").tag(config=True)
+    aliases = {**LabvaultCommand.aliases, "dest-prefix": "IngestCommand.dest_prefix", "by": "IngestCommand.by"}
+    flags = {"no-progress": ({"IngestCommand": {"progress": False}}, "Do not show a progress bar.")}
+
+    def run(self):
+        from .store.ingest import ingest_paths
+
+        exid, *paths = self.extra_args
+        results = ingest_paths(self.chunk_store(), self.actor_as(self.by), exid, paths,
+                               dest_prefix=self.dest_prefix, progress=self.progress)
+        skipped = sum(r.skipped for r in results)
+        print(f"labvault: {len(results) - skipped} file(s) stored, {skipped} already stored")
+
+
+class FileList(LabvaultCommand):
+    name = "labvault-file-list"
+    description = "List the files of an experiment, with deleted stubs: labvault file list EXID"
+    nargs, usage = (1, 1), "EXID"
+
+    def run(self):
+        rows = []
+        for f in self.chunk_store().list_files(self.extra_args[0]):
+            state = (f"deleted {f.deleted_at:%Y-%m-%d}: {f.deleted_reason}" if f.deleted_at
+                     else ", ".join(f.locations))
+            rows.append((f.path, f.size, (f.checksum or "")[:16], f"{f.created_at:%Y-%m-%d %H:%M}", state))
+        print(_table(rows, ("path", "bytes", "sha256", "stored (UTC)", "locations")))
+
+
+class FileDelete(LabvaultCommand):
+    name = "labvault-file-delete"
+    description = ("Permanently delete a file (crypto-shred; the PI's decision): "
+                   "labvault file delete EXID PATH --reason TEXT [--by USER]")
+    nargs, usage = (2, 2), "EXID PATH"
+    reason = Unicode("", help="Why (shown to whoever tries to read the file afterwards).").tag(config=True)
+    by = Unicode("", help="Act as this user (default: the operator acts for the experiment's PI).").tag(config=True)
+    aliases = {**LabvaultCommand.aliases, "reason": "FileDelete.reason", "by": "FileDelete.by"}
+
+    def run(self):
+        if not self.reason.strip():
+            raise CommandError("--reason is required: it is shown to whoever tries to read the file")
+        exid, path = self.extra_args
+        info = self.chunk_store().delete_file(self.actor_as(self.by), exid, path, reason=self.reason)
+        tail = "chunks removed everywhere" if info.purged_at else "some chunks remain (scrub removes them)"
+        print(f"labvault: {exid}/{info.path} deleted: data key destroyed, {tail}")
+
+
+class FileCommand(LabvaultCommand):
+    name = "labvault-file"
+    description = "Stored files."
+    subcommands = {"list": _sub(FileList, FileList.description),
+                   "delete": _sub(FileDelete, FileDelete.description)}
+
+
+class ScrubCommand(LabvaultCommand):
+    name = "labvault-scrub"
+    description = ("Verify every chunk on every replica and repair from good copies: "
+                   "labvault scrub [EXID]; exits 1 if damage could not be repaired.")
+    nargs, usage = (0, 1), "[EXID]"
+    grace = Int(-1, help="Remove crash leftovers older than this many seconds (default: ChunkStore.orphan_grace_seconds).").tag(config=True)
+    aliases = {**LabvaultCommand.aliases, "grace": "ScrubCommand.grace"}
+
+    def run(self):
+        exid = self.extra_args[0] if self.extra_args else None
+        report = self.chunk_store().scrub(self.actor, exid, grace_seconds=None if self.grace < 0 else self.grace)
+        counts = report.as_dict()
+        for key in ("files", "chunks_verified", "bad_chunks", "replicas_ok", "replicas_repaired",
+                    "replicas_restored", "mirror_copies_removed", "deleted_purged", "orphans_removed",
+                    "incomplete_removed"):
+            print(f"{key.replace('_', ' ')}: {counts[key]}")
+        for line in report.unrecoverable:
+            print(f"labvault: UNRECOVERABLE {line}", file=sys.stderr)
+        for line in report.errors:
+            print(f"labvault: error: {line}", file=sys.stderr)
+        if not report.ok:
+            sys.exit(1)
+
+
+class KeysRotate(LabvaultCommand):
+    name = "labvault-keys-rotate"
+    description = ("Create a new master key and re-wrap every data key under it (data is not "
+                   "re-encrypted); then destroy the old master keys unless --keep-old.")
+    keep_old = Bool(False, help="Keep the old master key files (e.g. to open older database backups).").tag(config=True)
+    flags = {"keep-old": ({"KeysRotate": {"keep_old": True}}, keep_old.help)}
+
+    def run(self):
+        report = self.chunk_store().rotate_keys(self.actor, keep_old=self.keep_old)
+        print(f"labvault: new master key {report.new_key_id}; {report.rewrapped} data key(s) re-wrapped")
+        for k in report.retired:
+            print(f"labvault: old master key {k} destroyed")
+        for k in report.kept:
+            print(f"labvault: old master key {k} kept")
+        for line in report.failures:
+            print(f"labvault: error: {line}", file=sys.stderr)
+        if report.failures:
+            sys.exit(1)
+
+
+class KeysList(LabvaultCommand):
+    name = "labvault-keys-list"
+    description = "List master keys and how many live data keys each wraps."
+
+    def run(self):
+        from sqlalchemy import func
+
+        from .models import DataKey
+
+        store = self.chunk_store()
+        current = store.key_provider.current_key_id()
+        with self.factory() as s:
+            counts = dict(s.execute(select(DataKey.master_key_id, func.count()).where(
+                DataKey.wrapped_key.is_not(None)).group_by(DataKey.master_key_id)).all())
+        ids = list(dict.fromkeys([*store.key_provider.key_ids(), *counts]))
+        rows = [(k, "yes" if k == current else "", counts.get(k, 0),
+                 "" if k in store.key_provider.key_ids() else "MISSING") for k in ids]
+        print(_table(rows, ("master key", "current", "data keys", "")))
+
+
+class KeysCommand(LabvaultCommand):
+    name = "labvault-keys"
+    description = "Master keys of the chunk store."
+    subcommands = {"rotate": _sub(KeysRotate, KeysRotate.description),
+                   "list": _sub(KeysList, KeysList.description)}
+
+
 class DemoCommand(LabvaultCommand):
     name = "labvault-demo"
     description = "Seed the demo world (idempotent) and print what each demo user may see."
@@ -739,6 +888,10 @@ class LabvaultApp(LabvaultCommand):
         "licence": _sub(LicenceCommand, LicenceCommand.description),
         "environment": _sub(EnvironmentCommand, EnvironmentCommand.description),
         "audit": _sub(AuditCommand, AuditCommand.description),
+        "ingest": _sub(IngestCommand, IngestCommand.description),
+        "file": _sub(FileCommand, FileCommand.description),
+        "scrub": _sub(ScrubCommand, ScrubCommand.description),
+        "keys": _sub(KeysCommand, KeysCommand.description),
         "demo": _sub(DemoCommand, DemoCommand.description),
         "service": ("labvault.datastore.service.app.DatastoreService",
                     "Run the datastore service (JupyterHub starts it as the 'labvault' service)."),

@@ -20,6 +20,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     Table,
@@ -209,7 +210,7 @@ class Project(Base):
     id: Mapped[int] = mapped_column(primary_key=True)
     name: Mapped[str] = mapped_column(String(200))
     institution_id: Mapped[int] = mapped_column(ForeignKey("institutions.id"))
-    pi_id: Mapped[int | None] = mapped_column(ForeignKey("users.id"))
+    pi_id: Mapped[int | None] = mapped_column(ForeignKey("users.id"), index=True)  # listing: projects I lead
     status: Mapped[str] = mapped_column(String(20), default="active")
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
@@ -334,13 +335,20 @@ class DataKey(Base):
 
 
 class StoredFile(Base):
-    """A file of an experiment, or of a user's personal repository (``owner_id``)."""
+    """A file of an experiment, or of a user's personal repository (``owner_id``).
+
+    A row exists only for a file whose every replica was durable when it was committed (the
+    chunk store's ingest). Deleting keeps the row as a stub (``deleted_at``, ``deleted_reason``)
+    after its data key was destroyed; ``purged_at`` says when its chunks were removed from every
+    location. ``uuid`` names the stored object and is bound into every chunk's associated data.
+    """
 
     __tablename__ = "files"
     __table_args__ = (
         CheckConstraint("(experiment_id IS NULL) <> (owner_id IS NULL)", name="one_home"),
         UniqueConstraint("experiment_id", "owner_id", "path", name="uq_files_home_path"),
         Index("ix_files_owner", "owner_id"),
+        Index("ux_files_uuid", "uuid", unique=True),
     )
 
     id: Mapped[int] = mapped_column(primary_key=True)
@@ -357,6 +365,30 @@ class StoredFile(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     deleted_at: Mapped[datetime | None]
     deleted_reason: Mapped[str | None] = mapped_column(Text)
+    uuid: Mapped[str | None] = mapped_column(String(32))  # 32 hex digits
+    format_version: Mapped[int | None]
+    chunk_map: Mapped[bytes | None] = mapped_column(LargeBinary)  # None: fixed grid (format.py)
+    purged_at: Mapped[datetime | None]
+
+
+class ReplicaFault(Base):
+    """A replica that failed to deliver a stored file's chunk (found by a read or a scrub).
+
+    ``resolved_at`` is set when a scrub repaired the replica or found it healthy again.
+    """
+
+    __tablename__ = "replica_faults"
+    __table_args__ = (Index("ix_replica_faults_file", "file_id", "resolved_at"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    file_id: Mapped[int] = mapped_column(ForeignKey("files.id"))
+    location: Mapped[str] = mapped_column(String(100))
+    chunk_index: Mapped[int | None] = mapped_column(BigInteger)
+    kind: Mapped[str] = mapped_column(String(20))  # corrupt | truncated | missing | unreadable
+    detail: Mapped[str] = mapped_column(Text, default="")
+    detected_by: Mapped[str] = mapped_column(String(20))  # read | scrub
+    detected_at: Mapped[datetime] = mapped_column(default=utcnow)
+    resolved_at: Mapped[datetime | None]
 
 
 class PersonalShare(Base):
@@ -480,7 +512,7 @@ class AuditHead(Base):
 __all__ = [
     "Base", "Institution", "InstitutionIdentifier", "Licence", "Department", "User",
     "DepartmentMembership", "Project", "Experiment", "RoleGrant", "Share", "DataKey",
-    "StoredFile", "PersonalShare", "ResultSet", "Result", "Comment", "Environment",
+    "StoredFile", "ReplicaFault", "PersonalShare", "ResultSet", "Result", "Comment", "Environment",
     "AuditEvent", "AuditHead", "UserState", "Role", "ShareState", "experiment_projects",
     "result_set_projects", "utcnow",
 ]

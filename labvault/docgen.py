@@ -47,6 +47,7 @@ def _trait_rows(cls) -> list[str]:
 
 def config_reference_md() -> str:
     from labvault.datastore.cli import LabvaultCommand
+    from labvault.datastore.store import ChunkStore, FileKeyProvider
     from labvault.policies import Policy
 
     out = [
@@ -60,6 +61,8 @@ def config_reference_md() -> str:
     for cls, intro in (
         (Policy, "The time spans and switches of the policy engine (`labvault.policies.Policy`)."),
         (LabvaultCommand, "Options shared by every `labvault` command (the admin CLI)."),
+        (ChunkStore, "The encrypted, replicated chunk store ([storage.md](storage.md))."),
+        (FileKeyProvider, "Master keys in files, the embedded default ([storage.md](storage.md))."),
     ):
         out += [f"## {cls.__name__}", "", intro, "", "| option | default | meaning |", "|---|---|---|"]
         out += _trait_rows(cls)

@@ -19,6 +19,9 @@ from sqlalchemy import text
 from labvault.datastore.db import make_engine, normalise_url, session_factory
 from labvault.datastore.migrate import upgrade
 
+# fixtures of the chunk-store tests (world, store)
+pytest_plugins = ["store_support"]
+
 PG_URL = os.environ.get("LABVAULT_TEST_POSTGRES_URL")
 REQUIRE_PG = os.environ.get("LABVAULT_REQUIRE_POSTGRES") == "1"
 _counter = itertools.count()

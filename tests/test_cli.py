@@ -11,6 +11,7 @@ from sqlalchemy import func, select
 from labvault.datastore import audit
 from labvault.datastore.cli import main
 from labvault.datastore.db import make_engine, session_factory
+from labvault.datastore.migrate import head_revision
 from labvault.datastore.models import AuditEvent, Experiment, Institution, RoleGrant, User
 
 
@@ -185,7 +186,7 @@ def test_init_and_missing_database(tmp_path):
     assert (data / "labvault.sqlite").exists()
     assert (data.stat().st_mode & 0o777) == 0o700
     r = subprocess.run([*exe, "db", "current", f"--data-dir={data}"], capture_output=True, text=True, timeout=60)
-    assert "current: 0001" in r.stdout
+    assert f"current: {head_revision()}" in r.stdout
     r = subprocess.run([*exe, "demo", f"--data-dir={data}"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "demo world created" in r.stdout
     r = subprocess.run([*exe, "demo", f"--data-dir={data}"], capture_output=True, text=True, timeout=120)
