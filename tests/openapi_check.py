@@ -21,7 +21,8 @@ def spec() -> dict:
 def _templates() -> list[tuple[re.Pattern, str]]:
     out = []
     for template in spec()["paths"]:
-        rx = "^" + re.sub(r"\\\{(\w+)\\\}", r"[^/]+", re.escape(template)) + "$"
+        rx = re.escape(template).replace(r"\{path\}", ".+")  # a file's path may contain '/'
+        rx = "^" + re.sub(r"\\\{(\w+)\\\}", r"[^/]+", rx) + "$"
         out.append((re.compile(rx), template))
     # literal paths win over templated ones (/shares/pending vs /shares/{share_id}/…)
     return sorted(out, key=lambda x: x[1].count("{"))

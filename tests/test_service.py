@@ -10,6 +10,8 @@ import json
 import time
 from datetime import datetime, timedelta, timezone
 
+import h5py
+import numpy as np
 import pytest
 from conftest import fresh_database_url
 from hubtools import start_hub
@@ -19,7 +21,10 @@ from sqlalchemy import select
 from labvault.datastore import audit, demo
 from labvault.datastore import operations as ops
 from labvault.datastore.db import make_engine, session_factory
+from labvault.datastore.client import Client as LabvaultClient
+from labvault.datastore.client import DirectFile, LabvaultError, RemoteFile
 from labvault.datastore.models import AuditEvent, RoleGrant, User
+from labvault.datastore.store import ChunkStore
 
 pytestmark = pytest.mark.slow
 NOW = datetime.now(timezone.utc).replace(microsecond=0)
@@ -33,10 +38,25 @@ def hub(request, tmp_path_factory):
     factory = session_factory(engine)
     demo.seed(factory, ops.Actor(operator="test"), now=NOW)
     ops.add_user(factory, ops.Actor(operator="test"), "eve", institution=demo.UNI)  # the rate-limit test's
-    config = "c.DatastoreService.rate_limit_per_second = 10.0\nc.DatastoreService.rate_limit_burst = 40\n"
-    (workdir / "data").mkdir(exist_ok=True)
-    (workdir / "data" / "labvault_config.py").write_text(config)
+    data = workdir / "data"
+    data.mkdir(exist_ok=True)
+    (data / "labvault_config.py").write_text(
+        "c.DatastoreService.rate_limit_per_second = 10.0\n"
+        "c.DatastoreService.rate_limit_burst = 40\n"
+        # the ciphertext is "mounted" where user servers can read it: the direct path is on
+        f"c.DatastoreService.direct_read_root = {str(data / 'store')!r}\n"
+    )
+    store = ChunkStore(sessions=factory, data_dir=str(data))
+    store.prepare_locations()
+    frames = np.arange(12 * 64 * 64, dtype=np.uint16).reshape(12, 64, 64)
+    src = workdir / "frames.h5"
+    with h5py.File(src, "w") as f:
+        f.create_dataset("entry/data", data=frames, chunks=(1, 64, 64))
+    with factory() as s:
+        alice_id = s.scalar(select(User.id).where(User.name == "alice"))
+    store.ingest_file(ops.Actor(user_id=alice_id), "NLS-2026-0001", src, "scan/frames.h5", now=NOW)
     h = start_hub(workdir, url, now=NOW)
+    h.frames, h.frames_bytes = frames, src.read_bytes()
     h.factory = factory
     h.tokens = {}
     yield h
@@ -54,8 +74,9 @@ class Client:
         h.update(headers or {})
         data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
         r = self.hub.http.request(method, base + "/api/v1" + path, body=data, headers=h)
+        self.last = r
         try:
-            payload = json.loads(r.data) if r.data else None
+            payload = json.loads(r.data) if r.data and "json" in r.headers.get("Content-Type", "") else r.data
         except ValueError:
             payload = r.data
         if template_for(path) and r.headers.get("Content-Type", "").startswith("application/json"):
@@ -90,7 +111,7 @@ def test_openapi_document_matches_the_handlers():
     for template, handler in ROUTES:
         ours = [k for k in handler.__mro__
                 if k.__module__ == handler.__module__ and k.__name__ != "BaseAPIHandler"]
-        implemented[template] = {m for k in ours for m in methods if m in k.__dict__}
+        implemented[template.replace("+}", "}")] = {m for k in ours for m in methods if m in k.__dict__}
     assert documented == implemented
 
 
@@ -356,3 +377,127 @@ def test_result_sets_visible_outside_the_department_once_published(hub, as_):
     assert rs in [x["id"] for x in body["result_sets"]]
     status, body = bob("POST", "/experiments/NLS-2026-0002/result-sets", {"name": ""})
     assert status == 400
+
+
+# --- files: the served and the direct path ---------------------------------------------------
+FILE = "/experiments/NLS-2026-0001/files/scan/frames.h5"
+
+
+def file_reads(hub, actor):
+    with hub.factory() as s:
+        return s.scalars(select(AuditEvent).where(AuditEvent.actor == actor, AuditEvent.action == "file.read",
+                                                  AuditEvent.allowed.is_(True))).all()
+
+
+def test_served_reads_with_ranges_one_audit_event_per_window(hub, as_):
+    bob = as_("bob")
+    status, body = bob("GET", "/experiments/NLS-2026-0001/files")
+    assert status == 200 and [f["path"] for f in body["files"]] == ["scan/frames.h5"]
+    assert body["files"][0]["replicas"] == 2
+    before = len(file_reads(hub, "bob"))
+    status, data = bob("GET", FILE)
+    assert status == 200 and data == hub.frames_bytes
+    status, data = bob("GET", FILE, headers={"Range": "bytes=100-4195"})
+    assert status == 206 and data == hub.frames_bytes[100:4196]
+    assert bob.last.headers["Content-Range"] == f"bytes 100-4195/{len(hub.frames_bytes)}"
+    status, data = bob("GET", FILE, headers={"Range": "bytes=-10"})
+    assert status == 206 and data == hub.frames_bytes[-10:]
+    status, _ = bob("HEAD", FILE)
+    assert status == 200 and int(bob.last.headers["Content-Length"]) == len(hub.frames_bytes)
+    assert len(file_reads(hub, "bob")) == before + 1  # one per file opened, not per range
+    status, body = bob("GET", FILE, headers={"Range": "bytes=99999999-"})
+    assert status == 416
+    status, body = bob("GET", FILE, headers={"Range": "lines=1-2"})
+    assert status == 416
+
+
+def test_file_reads_are_decided_per_request(hub, as_):
+    for user in ("admin", "vera"):  # admins read no data by being admins; vendor staff never
+        status, body = as_(user)("GET", FILE)
+        assert status == 404 and isinstance(body, dict) and body["rule"] in ("proprietary.assigned_only", "vendor.never")
+    frank = as_("frank")
+    status, data = frank("GET", FILE, headers={"Range": "bytes=0-15"})
+    assert status == 206 and data == hub.frames_bytes[:16]
+    hub.set_clock(NOW + timedelta(days=21))  # day 31 after the end, same session
+    status, body = frank("GET", FILE, headers={"Range": "bytes=16-31"})
+    assert status == 404 and body["rule"] == "facility.access_window"
+
+
+@pytest.mark.parametrize("bad", ["%2e%2e/%2e%2e/etc/passwd", "scan/%2e%2e/%2e%2e/x", "scan/frames.h5%00",
+                                 "%2Fetc%2Fpasswd", "scan%5C..%5Cx", "./", "scan//frames.h5"])
+def test_traversal_refused_nothing_read(hub, as_, bad):
+    bob = as_("bob")
+    before = len(file_reads(hub, "bob"))
+    status, body = bob("GET", f"/experiments/NLS-2026-0001/files/{bad}")
+    assert status in (400, 404), (bad, status)
+    assert isinstance(body, dict) and body["error"] in ("bad request", "not found")
+    assert len(file_reads(hub, "bob")) == before
+
+
+def test_raw_dot_dot_and_absolute_paths(hub, as_):
+    """Without a client that normalises the URL: literal .. segments and a leading slash."""
+    import http.client
+
+    token = as_("bob").token
+    host, port = hub.service_url.split("//")[1].split("/")[0].split(":")
+    for raw in ("/files/../../../etc/passwd", "/files//etc/passwd", "/files/scan/../../roles"):
+        conn = http.client.HTTPConnection(host, int(port), timeout=10)
+        conn.request("GET", "/services/labvault/api/v1/experiments/NLS-2026-0001" + raw,
+                     headers={"Authorization": f"token {token}"})
+        r = conn.getresponse()
+        body = json.loads(r.read())
+        assert r.status in (400, 404) and body["error"] in ("bad request", "not found"), raw
+        conn.close()
+
+
+def test_upload_delete_and_the_stub(hub, as_):
+    bob, alice, carol = as_("bob"), as_("alice"), as_("carol")
+    path = "/experiments/NLS-2026-0001/files/analysis/notes.txt"
+    status, body = bob("PUT", path, raw=b"peak at 3.2 A\n")
+    assert status == 201 and body["size"] == 14
+    status, data = bob("GET", path)
+    assert data == b"peak at 3.2 A\n"
+    status, body = bob("PUT", path, raw=b"again")
+    assert status in (400, 409)
+    status, body = as_("vera")("PUT", "/experiments/NLS-2026-0001/files/x.txt", raw=b"x")
+    assert status == 404
+    status, body = bob("DELETE", path + "?reason=wrong+sample")
+    assert status == 403 and body["rule"] == "retention.pi_only"
+    status, body = alice("DELETE", path + "?reason=wrong+sample")
+    assert status == 200 and body["deleted_at"]
+    status, body = bob("GET", path)
+    assert status == 410 and body["rule"] == "retention.deleted" and "wrong sample" in body["reason"]
+
+
+def test_client_served_and_direct_paths_read_the_same_frames(hub, as_):
+    token = as_("bob").token
+    served = LabvaultClient(hub.service_url, token, direct=False)
+    direct = LabvaultClient(hub.service_url, token)
+    assert [e["exid"] for e in served.experiments()] == ["NLS-2026-0001", "NLS-2026-0002"]
+    f = served.open("NLS-2026-0001", "scan/frames.h5")
+    assert isinstance(f, RemoteFile)
+    g = direct.open("NLS-2026-0001", "scan/frames.h5")
+    assert isinstance(g, DirectFile)  # the ciphertext is readable here, so the key was leased
+    for handle in (f, g):
+        with h5py.File(handle, "r") as h:
+            assert np.array_equal(h["entry/data"][...], hub.frames)
+            assert np.array_equal(h["entry/data"][7], hub.frames[7])
+    with hub.factory() as s:
+        lease = s.scalars(select(AuditEvent).where(AuditEvent.action == "file.lease",
+                                                   AuditEvent.actor == "bob")).first()
+    assert lease is not None and lease.allowed
+    with pytest.raises(LabvaultError) as e:
+        LabvaultClient(hub.service_url, as_("vera").token).open("NLS-2026-0001", "scan/frames.h5")
+    assert e.value.status == 404
+
+
+def test_direct_lease_renewal_is_a_fresh_decision(hub, as_):
+    frank = LabvaultClient(hub.service_url, as_("frank").token)
+    f = frank.open("NLS-2026-0001", "scan/frames.h5")
+    assert isinstance(f, DirectFile)
+    f.read(16)
+    hub.set_clock(NOW + timedelta(days=21))
+    f._expires = 0  # the lease ran out: the next read asks again
+    with pytest.raises(LabvaultError) as e:
+        f.read(16)
+    assert e.value.rule == "facility.access_window"

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+from collections import OrderedDict
 from datetime import datetime, timezone
 from pathlib import Path
 from urllib.parse import urlparse
@@ -69,6 +70,8 @@ class DatastoreService(LabvaultCommand):
     @default("base_url")
     def _default_base_url(self):
         return os.environ.get("JUPYTERHUB_SERVICE_PREFIX", "/services/labvault/")
+
+    open_files = Int(64, help="Decrypting readers kept open for range requests (an LRU).").tag(config=True)
 
     max_body_size = Int(
         64 * 1024 * 1024,
@@ -128,6 +131,11 @@ class DatastoreService(LabvaultCommand):
         self.engine = make_engine(self.db_url)
         self.sessions = session_factory(self.engine)
         self.limiter = RateLimiter(self.rate_limit_per_second, self.rate_limit_burst)
+        from labvault.datastore.store.store import ChunkStore
+
+        self.store = ChunkStore(sessions=self.sessions, parent=self, data_dir=self.data_dir)
+        self._readers: OrderedDict[int, object] = OrderedDict()
+        self._read_windows: dict[tuple[int, int], float] = {}
         base = "/" + self.base_url.strip("/") + "/"
         handlers = [(base.rstrip("/") + path, cls) for path, cls in default_handlers]
         return web.Application(
@@ -138,6 +146,35 @@ class DatastoreService(LabvaultCommand):
             compress_response=False,
             xsrf_cookies=False,
         )
+
+    def reader(self, file_id: int):
+        """An open decrypting reader of a stored file, kept for the next range requests."""
+        reader = self._readers.get(file_id)
+        if reader is None:
+            reader = self.store.open(file_id)
+            self._readers[file_id] = reader
+            while len(self._readers) > self.open_files:
+                self._readers.popitem(last=False)[1].close()
+        else:
+            self._readers.move_to_end(file_id)
+        return reader
+
+    def forget_reader(self, file_id: int) -> None:
+        reader = self._readers.pop(file_id, None)
+        if reader is not None:
+            reader.close()
+
+    def open_read_window(self, user_id: int, file_id: int) -> bool:
+        """True when a user's read of a file starts a new audit window (one event per file
+        opened per window; every request is still decided)."""
+        key = (user_id, file_id)
+        now = time.monotonic()
+        if self._read_windows.get(key, 0.0) > now:
+            return False
+        if len(self._read_windows) > 100_000:
+            self._read_windows = {k: t for k, t in self._read_windows.items() if t > now}
+        self._read_windows[key] = now + self.lease_seconds
+        return True
 
     def log_request(self, handler: web.RequestHandler) -> None:
         """Access log without full IPs, query strings (tokens!) or bodies."""

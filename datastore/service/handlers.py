@@ -27,6 +27,7 @@ from labvault.datastore.models import (
     ResultSet,
     Share,
     ShareState,
+    StoredFile,
     User,
     UserState,
 )
@@ -504,6 +505,189 @@ class ResultSetPublishHandler(BaseAPIHandler):
             self.write_json(views.result_set(rs, ops.result_set_value(s, rs), views.NameCache(s), exid))
 
 
+# --------------------------------------------------------------------------------------
+# files: the served path (Range reads decrypted here), uploads, and direct-read leases
+# --------------------------------------------------------------------------------------
+_RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
+
+
+class FilesHandler(BaseAPIHandler):
+    def get(self, exid):
+        with self.sessions() as s:
+            e, _ = self.read_experiment(s, exid)
+            rows = s.scalars(select(StoredFile).where(StoredFile.experiment_id == e.id)
+                             .order_by(StoredFile.path, StoredFile.id)).all()
+            self.write_json({"files": [views.stored_file(r) for r in rows]})
+
+
+class FileAccess:
+    """What the file handlers share: path checks, the per-request decision, readers."""
+
+    def _path(self, path: str) -> str:
+        from labvault.datastore.store.store import normalise_path
+
+        try:
+            return normalise_path(path)
+        except ops.OperationError as e:
+            raise APIError(400, "bad request", "", str(e)) from None
+
+    def _decide_read(self, exid: str, path: str) -> StoredFile:
+        """Decide this request (every request: access that ends, ends here); audit one event
+        per file and user per read window, not one per byte range."""
+        path = self._path(path)
+        with self.sessions() as s:
+            e, ev = self.read_experiment(s, exid)
+            row = s.scalars(select(StoredFile).where(StoredFile.experiment_id == e.id, StoredFile.path == path)
+                            .order_by(StoredFile.id.desc())).first()
+            if row is None:
+                raise APIError(404, "not found", "", f"no file {path!r} in {exid}")
+            target = f"file:{exid}/{path}"
+            if row.deleted_at is not None:
+                d = p.Decision(False, "retention.deleted",
+                               f"{exid}/{path} was permanently deleted on {row.deleted_at:%Y-%m-%d}: "
+                               f"{row.deleted_reason or 'no reason recorded'}")
+                self.audit("file.read", target, d)
+                raise APIError(410, "gone", d.rule, d.reason)
+            decision = self.service.policy.decide(self.subject(s), "read", p.File(ev, path), self.now)
+            if not decision.allowed:
+                self.audit("file.read", target, decision)
+                raise denied(decision)
+            s.expunge(row)
+        if self.service.open_read_window(self.lv_user.id, row.id):
+            self.audit("file.read", target, decision, {"uuid": row.uuid})
+        return row
+
+    def _reader(self, row: StoredFile):
+        from labvault.datastore.store.errors import StoreError
+
+        try:
+            return self.service.reader(row.id)
+        except StoreError as e:
+            raise APIError(503, "storage error", "", str(e)) from None
+
+    def _range(self, size: int) -> tuple[int, int] | None:
+        header = self.request.headers.get("Range")
+        if not header:
+            return None
+        m = _RANGE.match(header.strip())
+        if not m or (not m.group(1) and not m.group(2)):
+            self.set_header("Content-Range", f"bytes */{size}")
+            raise APIError(416, "range not satisfiable", "", f"one byte range please, like bytes=0-1023 (got {header!r})")
+        first, last = m.group(1), m.group(2)
+        if first:
+            start = int(first)
+            end = min(int(last), size - 1) if last else size - 1
+        else:  # suffix: the last N bytes
+            start, end = max(0, size - int(last)), size - 1
+        if start >= size or end < start:
+            self.set_header("Content-Range", f"bytes */{size}")
+            raise APIError(416, "range not satisfiable", "", f"bytes {start}-{end} are outside the file ({size} bytes)")
+        return start, end
+
+
+
+class FileHandler(FileAccess, BaseAPIHandler):
+    """One file: GET/HEAD with HTTP Range (served path), PUT to upload, DELETE (PI)."""
+
+    def _data_headers(self, row: StoredFile) -> None:
+        self.set_header("Content-Type", "application/octet-stream")
+        self.set_header("Accept-Ranges", "bytes")
+        if row.checksum:
+            self.set_header("ETag", f'"{row.checksum}"')
+
+    def head(self, exid, path):
+        row = self._decide_read(exid, path)
+        self._data_headers(row)
+        self.set_header("Content-Length", str(row.size))
+        self.finish()
+
+    async def get(self, exid, path):
+        from labvault.datastore.store.errors import StoreError
+
+        row = self._decide_read(exid, path)
+        reader = self._reader(row)
+        span = self._range(row.size)
+        start, end = span if span else (0, row.size - 1)
+        self._data_headers(row)
+        if span:
+            self.set_status(206)
+            self.set_header("Content-Range", f"bytes {start}-{end}/{row.size}")
+        length = max(0, end - start + 1)
+        self.set_header("Content-Length", str(length))
+        piece = 4 * 1024 * 1024
+        buf = bytearray(min(piece, length) or 1)
+        pos = start
+        while pos <= end and length:
+            n = min(len(buf), end - pos + 1)
+            view = memoryview(buf)[:n]
+            try:
+                reader.seek(pos)  # seek + read happen without yielding: the reader is shared
+                got = reader.readinto(view)
+            except StoreError as e:  # never wrong bytes: stop, and say why (headers may be out)
+                self.service.log.error("integrity: %s", e)
+                if not self._headers_written:
+                    self.clear_header("Content-Range")
+                    raise APIError(502, "integrity error", "", str(e)) from None
+                self.request.connection.close()
+                return
+            if got != n:
+                raise APIError(502, "integrity error", "", f"short read at {pos}")
+            self.write(bytes(view))
+            pos += n
+            if pos <= end:
+                await self.flush()
+        self.finish()
+
+    def put(self, exid, path):
+        path = self._path(path)
+        self.guard(exid)
+        store = self.service.store
+        try:
+            info = store.ingest_stream(self.actor, exid, path, [self.request.body], now=self.now)
+        except ops.Denied as e:
+            raise denied(e.decision) from None
+        except ops.OperationError as e:
+            raise APIError(409 if "already" in str(e) else 400, "bad request", "", str(e)) from None
+        with self.sessions() as s:
+            self.write_json(views.stored_file(s.get(StoredFile, info.file.id)), 201)
+
+    def delete(self, exid, path):
+        path = self._path(path)
+        reason = self.get_argument("reason", "").strip()
+        self.guard(exid)
+        try:
+            info = self.service.store.delete_file(self.actor, exid, path, reason=reason, now=self.now)
+        except ops.Denied as e:
+            raise denied(e.decision) from None
+        except ops.NotFound as e:
+            raise APIError(404, "not found", "", str(e)) from None
+        except ops.OperationError as e:
+            raise APIError(400, "bad request", "", str(e)) from None
+        self.service.forget_reader(info.id)
+        with self.sessions() as s:
+            self.write_json(views.stored_file(s.get(StoredFile, info.id)))
+
+
+class LeaseHandler(FileAccess, BaseAPIHandler):
+    """The direct path: after a fresh decision, lease one file's data key for minutes."""
+
+    def post(self, exid):
+        body = self.json_body()
+        path = self.field(body, "path")
+        if not self.service.direct_read_root:
+            raise APIError(409, "direct reads unavailable", "",
+                           "this deployment serves reads only (DatastoreService.direct_read_root is not set)")
+        row = self._decide_read(exid, path)
+        lease = self.service.store.lease(row.id)
+        self.audit("file.lease", f"file:{exid}/{row.path}",
+                   p.Decision(True, "derived.parent", f"key lease for {self.service.lease_seconds} s"),
+                   {"uuid": row.uuid})
+        from labvault.datastore.store.format import object_key
+
+        self.write_json({**lease.to_json(), "root": self.service.direct_read_root,
+                         "object": object_key(row.uuid), "expires_in": self.service.lease_seconds})
+
+
 class EnvironmentsHandler(BaseAPIHandler):
     def get(self):
         with self.sessions() as s:
@@ -536,6 +720,9 @@ ROUTES = [
     ("/experiments/{exid}/audit", AuditTrailHandler),
     ("/experiments/{exid}/result-sets", ResultSetsHandler),
     ("/result-sets/{result_set_id}/publish", ResultSetPublishHandler),
+    ("/experiments/{exid}/files", FilesHandler),
+    ("/experiments/{exid}/files/{path+}", FileHandler),
+    ("/experiments/{exid}/leases", LeaseHandler),
     ("/shares/pending", PendingSharesHandler),
     ("/shares/{share_id}/confirm", ShareConfirmHandler),
     ("/shares/{share_id}/refuse", ShareRefuseHandler),
@@ -543,6 +730,8 @@ ROUTES = [
 
 
 def _pattern(template: str) -> str:
+    """``{name}`` is one path segment; ``{name+}`` the rest of the path (a file's path)."""
+    template = re.sub(r"\{(\w+)\+\}", r"(?P<\1>.+)", template)
     return re.sub(r"\{(\w+)\}", r"(?P<\1>[^/]+)", template)
 
 

@@ -116,6 +116,12 @@ def result_set(rs, value: p.ResultSet, names: NameCache, exid: str) -> dict:
             "project_ids": sorted(value.project_ids), "created_at": rs.created_at}
 
 
+def stored_file(r) -> dict:
+    return {"path": r.path, "size": r.size, "checksum": r.checksum, "chunk_size": r.chunk_size,
+            "replicas": len(r.locations or []), "created_at": r.created_at, "deleted_at": r.deleted_at,
+            "deleted_reason": r.deleted_reason}
+
+
 def retention(e: Experiment, now: datetime) -> dict:
     days_left = (e.retain_until - now).days if e.retain_until else None
     return {"exid": e.exid, "archived_at": e.archived_at, "retain_until": e.retain_until,
