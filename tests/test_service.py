@@ -20,9 +20,9 @@ from sqlalchemy import select
 
 from labvault.datastore import audit, demo
 from labvault.datastore import operations as ops
-from labvault.datastore.db import make_engine, session_factory
 from labvault.datastore.client import Client as LabvaultClient
 from labvault.datastore.client import DirectFile, LabvaultError, RemoteFile
+from labvault.datastore.db import make_engine, session_factory
 from labvault.datastore.models import AuditEvent, RoleGrant, User
 from labvault.datastore.store import ChunkStore
 
@@ -451,7 +451,7 @@ def test_raw_dot_dot_and_absolute_paths(hub, as_):
 
 
 def test_upload_delete_and_the_stub(hub, as_):
-    bob, alice, carol = as_("bob"), as_("alice"), as_("carol")
+    bob, alice = as_("bob"), as_("alice")
     path = "/experiments/NLS-2026-0001/files/analysis/notes.txt"
     status, body = bob("PUT", path, raw=b"peak at 3.2 A\n")
     assert status == 201 and body["size"] == 14
