@@ -867,10 +867,17 @@ class DemoCommand(LabvaultCommand):
     def run(self):
         from .demo import print_world, seed
 
+        from .demo import seed_data
+
         engine = make_engine(self.db_url)
         upgrade(engine)
         created = seed(self.factory, self.actor)
+        store = self.chunk_store()
+        store.prepare_locations()
+        stored = seed_data(self.factory, store)
         print_world(self.factory, created)
+        for name in stored:
+            print(f"labvault: demo data {name} (encrypted, on {len(store.locations)} replicas)")
 
 
 class LabvaultApp(LabvaultCommand):

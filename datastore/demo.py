@@ -68,6 +68,34 @@ def seed(factory, actor: ops.Actor, now: datetime | None = None) -> bool:
     return True
 
 
+def seed_data(factory, store, frames: int = 24) -> list[str]:
+    """Detector-like HDF5 data (uint16 frames, chunked per frame) for the demo experiments,
+    ingested through the encrypted store as their PI. Idempotent: stored files are skipped."""
+    import tempfile
+
+    import h5py
+    import numpy as np
+
+    alice = ops.Actor(user_id=_uid(factory, "alice"))
+    rng = np.random.default_rng(2026)
+    stored = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for exid, name in (("NLS-2026-0001", "scan-0001/frames.h5"), ("NLS-2026-0002", "powder/frames.h5")):
+            src = f"{tmp}/{exid}.h5"
+            yy, xx = np.mgrid[0:256, 0:256]
+            ring = np.exp(-((np.hypot(yy - 128, xx - 128) - 60) ** 2) / 40.0)
+            with h5py.File(src, "w") as f:
+                data = f.create_dataset("entry/data/data", shape=(frames, 256, 256), dtype="uint16",
+                                        chunks=(1, 256, 256))
+                for i in range(frames):
+                    data[i] = (rng.poisson(5, (256, 256)) + 1000 * ring * (1 + i / frames)).astype("uint16")
+                f.create_group("entry/instrument/detector").attrs["description"] = "demo 256x256 pixel detector"
+            result = store.ingest_file(alice, exid, src, name)
+            if not result.skipped:
+                stored.append(f"{exid}/{name}")
+    return stored
+
+
 def _uid(factory, name: str) -> int:
     with factory() as s:
         return ops.get_user(s, name).id
