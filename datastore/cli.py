@@ -865,9 +865,7 @@ class DemoCommand(LabvaultCommand):
     description = "Seed the demo world (idempotent) and print what each demo user may see."
 
     def run(self):
-        from .demo import print_world, seed
-
-        from .demo import seed_data
+        from .demo import print_world, seed, seed_data
 
         engine = make_engine(self.db_url)
         upgrade(engine)
