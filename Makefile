@@ -70,3 +70,13 @@ clean:
 clean-data:
 	@case "$(DATA_DIR)" in ""|/|.|..) echo "refusing to remove DATA_DIR='$(DATA_DIR)'" >&2; exit 1;; esac
 	rm -rf -- $(DATA_DIR)
+
+#   make bench       run the benchmarks (benchmarks/README.md) at small sizes; 1M: see there
+BENCH_SIZES ?= 10000,100000
+BENCH_SECONDS ?= 5
+
+.PHONY: bench
+bench: $(STAMP)
+	$(VENV)/bin/python benchmarks/bench_policy.py
+	scripts/with-postgres $(VENV)/bin/python benchmarks/bench_listing.py --sizes $(BENCH_SIZES)
+	scripts/with-postgres $(VENV)/bin/python benchmarks/bench_audit.py --seconds $(BENCH_SECONDS)

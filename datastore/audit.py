@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session
 
 from labvault.policies import Decision, truncate_ip
 
-from .db import FLUSH_ON_CHECKIN
+from .db import WAIT_FOR_WAL, WRITE_PATH
 from .models import AuditEvent, AuditHead, UTCDateTime, utcnow
 
 GENESIS = "0" * 64
@@ -124,21 +124,18 @@ def _append_postgresql(session, time, actor, action, target, decision, masked, d
 def _durable_after_commit(session: Session) -> None:
     """Commit without waiting for the disk while the head lock is held, then wait for it.
 
-    The transaction commits with synchronous_commit off, which releases the head lock as soon
-    as the commit is in the WAL buffers (not after an fsync), so the next writer can go on.
-    When the connection goes back to the pool — after the commit, before the caller's
-    ``with`` block returns — a tiny synchronous transaction on it waits until the WAL is flushed
-    up to that point, our commit included (:func:`labvault.datastore.db.make_engine` installs
-    that hook), and concurrent writers' waits share one fsync (group commit). So the caller
-    hears of success only once the event is durable: a crash can lose an event whose request
-    never succeeded, never one that did, and WAL order means a flushed event implies every
-    earlier one, so the chain has no holes.
+    Inside ``Sessions.begin()`` (the write path) the transaction commits with
+    synchronous_commit off, which releases the head lock as soon as the commit is in the WAL
+    buffers, so the next writer can go on; ``Sessions.begin()`` then runs a synchronous
+    transaction that writes WAL (db.WAL_FLUSH_SQL) before the caller's ``with`` block returns,
+    and concurrent writers' waits share one fsync (group commit). The caller hears of success
+    only once the event is durable, and a failed wait raises to the caller. In any other session
+    nothing would wait afterwards, so the commit stays synchronous.
     """
-    conn = session.connection()
-    info = conn.connection.info
-    if not info.get(FLUSH_ON_CHECKIN):
-        conn.execute(text("SET LOCAL synchronous_commit TO OFF"))
-        info[FLUSH_ON_CHECKIN] = True
+    if not session.info.get(WRITE_PATH) or session.info.get(WAIT_FOR_WAL):
+        return
+    session.execute(text("SET LOCAL synchronous_commit TO OFF"))
+    session.info[WAIT_FOR_WAL] = True
 
 
 @dataclass(frozen=True)

@@ -9,12 +9,22 @@ lock — a request may read in one session and write an audit event in another.
 
 from __future__ import annotations
 
-from sqlalchemy import Engine, create_engine, event
-from sqlalchemy.engine import make_url
-from sqlalchemy.orm import sessionmaker
+from collections.abc import Iterator
+from contextlib import contextmanager
 
-#: Connection-record flag: the last transaction committed asynchronously; flush at check-in.
-FLUSH_ON_CHECKIN = "labvault_flush_wal"
+from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy.engine import make_url
+from sqlalchemy.orm import Session, sessionmaker
+
+#: Session.info keys. WRITE_PATH: the session is a ``Sessions.begin()`` write transaction,
+#: which waits for the WAL after COMMIT when WAIT_FOR_WAL was set (audit._durable_after_commit).
+WRITE_PATH = "labvault_write_path"
+WAIT_FOR_WAL = "labvault_wait_for_wal"
+#: PostgreSQL flushes the WAL at COMMIT only for a transaction that wrote WAL itself
+#: (RecordTransactionCommit skips XLogFlush otherwise, so ``SELECT pg_current_xact_id()``
+#: waits for nothing). A transactional logical message is WAL: this COMMIT is synchronous and
+#: returns once the WAL up to it -- every earlier commit included -- is on disk.
+WAL_FLUSH_SQL = "SELECT pg_logical_emit_message(true, 'labvault', '')"
 
 
 def normalise_url(url: str) -> str:
@@ -49,18 +59,7 @@ def make_engine(url: str, **kwargs) -> Engine:
 
         return engine
     kwargs.setdefault("pool_pre_ping", True)
-    engine = create_engine(url, **kwargs)
-
-    @event.listens_for(engine, "checkin")
-    def _flush_wal(dbapi_conn, record):
-        # audit.append commits with synchronous_commit off; before the connection is reused or
-        # the caller goes on, wait until the WAL is on disk (see audit._durable_after_commit)
-        if dbapi_conn is not None and record.info.pop(FLUSH_ON_CHECKIN, False):
-            with dbapi_conn.cursor() as cur:
-                cur.execute("SELECT pg_current_xact_id()")
-            dbapi_conn.commit()
-
-    return engine
+    return create_engine(url, **kwargs)
 
 
 class Sessions(sessionmaker):
@@ -71,8 +70,18 @@ class Sessions(sessionmaker):
         self.write_bind = (engine.execution_options(sqlite_begin="IMMEDIATE")
                            if engine.dialect.name == "sqlite" else engine)
 
-    def begin(self):
-        return self(bind=self.write_bind)._maker_context_manager()
+    @contextmanager
+    def begin(self) -> Iterator[Session]:
+        with self(bind=self.write_bind) as session:
+            session.info[WRITE_PATH] = True
+            with session.begin():
+                yield session
+            if session.info.pop(WAIT_FOR_WAL, False):
+                # the audit append committed asynchronously (the head lock is not held across
+                # the fsync); wait for the WAL here, where a failure reaches the caller and the
+                # connection goes back to the pool either way
+                with session.begin():
+                    session.execute(text(WAL_FLUSH_SQL))
 
 
 def session_factory(engine: Engine) -> Sessions:

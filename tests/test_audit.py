@@ -133,3 +133,30 @@ def test_parallel_writers_form_one_chain(db_url, now):
     assert report.ok, report.problem
     assert report.events == writers * per_writer
     assert sorted(set(actors)) == [f"w{w}" for w in range(writers)]
+
+
+@pytest.mark.postgres
+def test_postgresql_append_waits_for_the_wal_before_returning(request, tmp_path, now):
+    """Regression: the append commits asynchronously (head lock not held across the fsync), so
+    Sessions.begin() must then COMMIT a WAL-writing transaction synchronously before the caller
+    goes on. `SELECT pg_current_xact_id()` was used first and waited for nothing: PostgreSQL
+    only flushes at commit for a transaction that wrote WAL (found with a kill -9 test: 0 of 5
+    events survived)."""
+    from conftest import fresh_database_url
+    from sqlalchemy import event
+
+    from labvault.datastore.db import WAL_FLUSH_SQL
+
+    engine = make_engine(fresh_database_url(request, "postgresql", tmp_path))  # SQLite commits synchronously
+    factory = session_factory(engine)
+    statements: list[str] = []
+    event.listen(engine, "before_cursor_execute", lambda c, cur, st, *a: statements.append(st.strip()))
+    event.listen(engine, "commit", lambda c: statements.append("COMMIT"))
+    with factory.begin() as s:
+        audit.append(s, actor="a", action="file.open", target="t", decision=ALLOW, now=now)
+    engine.dispose()
+    assert "SET LOCAL synchronous_commit TO OFF" in statements
+    flush = statements.index(WAL_FLUSH_SQL)
+    assert "pg_logical_emit_message" in WAL_FLUSH_SQL  # writes WAL, so its commit flushes
+    assert statements[flush - 1] == "COMMIT" and statements[flush + 1] == "COMMIT"
+    assert flush > statements.index("SET LOCAL synchronous_commit TO OFF")
