@@ -43,6 +43,7 @@ def hub(request, tmp_path_factory):
     (data / "labvault_config.py").write_text(
         "c.DatastoreService.rate_limit_per_second = 10.0\n"
         "c.DatastoreService.rate_limit_burst = 40\n"
+        "c.DatastoreService.max_upload_size = 3 * 1024 * 1024\n"
         # the ciphertext is "mounted" where user servers can read it: the direct path is on
         f"c.DatastoreService.direct_read_root = {str(data / 'store')!r}\n"
     )
@@ -502,3 +503,23 @@ def test_direct_lease_renewal_is_a_fresh_decision(hub, as_):
     with pytest.raises(LabvaultError) as e:
         f.read(16)
     assert e.value.rule == "facility.access_window"
+
+
+def test_uploads_stream_and_oversized_bodies_are_refused(hub, as_):
+    bob = as_("bob")
+    big = bytes(range(256)) * (2 * 1024 * 1024 // 256 + 17)  # 2 MiB + a bit: streamed, not one block
+    path = "/experiments/NLS-2026-0001/files/analysis/big.bin"
+    status, body = bob("PUT", path, raw=big)
+    assert status == 201 and body["size"] == len(big)
+    status, data = bob("GET", path)
+    assert data == big
+    status, body = bob("PUT", "/experiments/NLS-2026-0001/files/analysis/huge.bin", raw=b"x" * (3 * 1024 * 1024 + 1))
+    assert status == 413 and "labvault ingest" in body["reason"]
+    status, body = bob("GET", "/experiments/NLS-2026-0001/files")
+    assert "analysis/huge.bin" not in [f["path"] for f in body["files"]]
+    # a JSON body over the limit is cut off by the server, which stays up
+    try:
+        bob("POST", "/experiments/NLS-2026-0001/shares", raw=b"{" + b" " * (2 * 1024 * 1024) + b"}")
+    except Exception:  # noqa: BLE001 - the connection may be closed mid-body
+        pass
+    assert bob("GET", "/me")[0] == 200

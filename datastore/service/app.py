@@ -74,8 +74,14 @@ class DatastoreService(LabvaultCommand):
     open_files = Int(64, help="Decrypting readers kept open for range requests (an LRU).").tag(config=True)
 
     max_body_size = Int(
-        64 * 1024 * 1024,
-        help="Largest request body accepted in one request (bytes); larger uploads go in parts.",
+        1024 * 1024,
+        help="Largest JSON request body (bytes); file uploads have max_upload_size.",
+    ).tag(config=True)
+
+    max_upload_size = Int(
+        1024 * 1024 * 1024,
+        help="""Largest file upload through the API (bytes, default 1 GiB). Uploads stream to a
+        temporary file, not memory. Larger files: `labvault ingest` on the server.""",
     ).tag(config=True)
 
     rate_limit_per_second = Float(

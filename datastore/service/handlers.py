@@ -586,8 +586,41 @@ class FileAccess:
 
 
 
+@web.stream_request_body
 class FileHandler(FileAccess, BaseAPIHandler):
-    """One file: GET/HEAD with HTTP Range (served path), PUT to upload, DELETE (PI)."""
+    """One file: GET/HEAD with HTTP Range (served path), PUT to upload, DELETE (PI).
+
+    Upload bodies stream into a spooled temporary file (memory up to 8 MiB, then disk) as they
+    arrive, up to ``DatastoreService.max_upload_size``; a larger declared size is refused with
+    413 before anything is read.
+    """
+
+    _upload = None
+
+    async def prepare(self):
+        await super().prepare()
+        if self.request.method != "PUT":
+            return
+        limit = self.service.max_upload_size
+        declared = self.request.headers.get("Content-Length")
+        if declared is None or not declared.isdigit():
+            raise APIError(411, "length required", "", "send Content-Length with the upload")
+        if int(declared) > limit:
+            raise APIError(413, "payload too large", "",
+                           f"{int(declared)} bytes is more than the {limit} bytes an upload may have; "
+                           "store larger files with `labvault ingest` on the server")
+        self.request.connection.set_max_body_size(limit)
+        import tempfile
+
+        self._upload = tempfile.SpooledTemporaryFile(max_size=8 * 1024 * 1024)
+
+    def data_received(self, chunk: bytes) -> None:
+        if self._upload is not None:
+            self._upload.write(chunk)
+
+    def on_finish(self):
+        if self._upload is not None:
+            self._upload.close()
 
     def _data_headers(self, row: StoredFile) -> None:
         self.set_header("Content-Type", "application/octet-stream")
@@ -642,8 +675,10 @@ class FileHandler(FileAccess, BaseAPIHandler):
         path = self._path(path)
         self.guard(exid)
         store = self.service.store
+        self._upload.seek(0)
+        blocks = iter(lambda: self._upload.read(4 * 1024 * 1024), b"")
         try:
-            info = store.ingest_stream(self.actor, exid, path, [self.request.body], now=self.now)
+            info = store.ingest_stream(self.actor, exid, path, blocks, now=self.now)
         except ops.Denied as e:
             raise denied(e.decision) from None
         except ops.OperationError as e:
