@@ -54,6 +54,7 @@ class BaseAPIHandler(HubAuthenticated, web.RequestHandler):
 
     lv_user: User | None = None
     lv_user_name = "-"
+    _subject: p.Subject | None = None
 
     @property
     def service(self):
@@ -122,7 +123,11 @@ class BaseAPIHandler(HubAuthenticated, web.RequestHandler):
         return ops.Actor(user_id=self.lv_user.id, ip=self.request.remote_ip)
 
     def subject(self, session) -> p.Subject:
-        return load_subject(session, self.lv_user.id, self.now)
+        """Who asks, as the policy sees them: loaded once per request (and decided anew for
+        every request, so access that ends, ends at the next one)."""
+        if self._subject is None:
+            self._subject = load_subject(session, self.lv_user.id, self.now)
+        return self._subject
 
     def audit(self, action: str, target: str, decision: p.Decision, details: dict | None = None) -> None:
         with self.sessions.begin() as s:
