@@ -513,8 +513,19 @@ def test_uploads_stream_and_oversized_bodies_are_refused(hub, as_):
     assert status == 201 and body["size"] == len(big)
     status, data = bob("GET", path)
     assert data == big
-    status, body = bob("PUT", "/experiments/NLS-2026-0001/files/analysis/huge.bin", raw=b"x" * (3 * 1024 * 1024 + 1))
-    assert status == 413 and "labvault ingest" in body["reason"]
+    # declare a too large body and send none of it: the refusal comes before any byte is read
+    import http.client
+
+    host, port = hub.service_url.split("//")[1].split("/")[0].split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=10)
+    conn.putrequest("PUT", "/services/labvault/api/v1/experiments/NLS-2026-0001/files/analysis/huge.bin")
+    conn.putheader("Authorization", f"token {bob.token}")
+    conn.putheader("Content-Length", str(3 * 1024 * 1024 + 1))
+    conn.endheaders()
+    r = conn.getresponse()
+    body = json.loads(r.read())
+    conn.close()
+    assert r.status == 413 and "labvault ingest" in body["reason"]
     status, body = bob("GET", "/experiments/NLS-2026-0001/files")
     assert "analysis/huge.bin" not in [f["path"] for f in body["files"]]
     # a JSON body over the limit is cut off by the server, which stays up
