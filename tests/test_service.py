@@ -534,3 +534,34 @@ def test_uploads_stream_and_oversized_bodies_are_refused(hub, as_):
     except Exception:  # noqa: BLE001 - the connection may be closed mid-body
         pass
     assert bob("GET", "/me")[0] == 200
+
+
+def test_registering_experiments(as_):
+    """experiment.create: facility staff register for a verified PI; others are refused."""
+    frank, carol = as_("frank"), as_("carol")
+    body = {"exid": "NLS-2026-0100", "pi": "alice", "title": "beamtime 100", "end": NOW.isoformat()}
+    status, created = frank("POST", "/experiments", body)
+    assert status == 201 and created["pi"]["name"] == "alice" and created["proprietary"] is True
+    assert created["institution"] == demo.UNI  # the PI's institution, fixed at experiment time
+    status, refused = carol("POST", "/experiments", {**body, "exid": "NLS-2026-0101"})
+    assert status == 403 and refused["rule"] == "experiment.create"
+    status, refused = frank("POST", "/experiments", {**body, "exid": "NLS-2026-0102", "pi": "bob"})
+    assert status == 403 and refused["rule"] == "pi.verified_institution"
+    status, refused = frank("POST", "/experiments", {**body, "exid": "NLS-2026-0100"})
+    assert status == 400 and "exists already" in refused["reason"]
+    status, refused = frank("POST", "/experiments", {**body, "exid": "bad exid!"})
+    assert status == 400
+
+
+def test_closing_my_account(hub, as_):
+    ops.add_user(hub.factory, ops.Actor(operator="t"), "zed", institution=demo.UNI)
+    zed = as_("zed")
+    status, body = zed("POST", "/me/close", {"confirm": "someone-else"})
+    assert status == 400
+    status, body = zed("POST", "/me/close", {"confirm": "zed"})
+    assert status == 200 and body["state"] == "closed"
+    assert any("role history" in k for k in body["kept"])
+    status, body = zed("GET", "/experiments")
+    assert status == 200 and exids(body) == []  # closed: nothing, not even public experiments
+    status, body = zed("GET", "/experiments/NLS-2026-0002")
+    assert status == 403 and body["rule"] == "account.state"
