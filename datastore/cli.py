@@ -248,6 +248,8 @@ class InitCommand(LabvaultCommand):
         os.chmod(d, 0o700)
         engine = make_engine(self.db_url)
         upgrade(engine)
+        if engine.url.get_backend_name() == "sqlite" and engine.url.database:
+            os.chmod(engine.url.database, 0o600)  # the data directory is 0700 too
         store = self.chunk_store()
         made = store.prepare_locations()
         print(f"labvault: data directory {d.resolve()}")

@@ -185,6 +185,7 @@ def test_init_and_missing_database(tmp_path):
     assert r.returncode == 0, r.stderr
     assert (data / "labvault.sqlite").exists()
     assert (data.stat().st_mode & 0o777) == 0o700
+    assert ((data / "labvault.sqlite").stat().st_mode & 0o777) == 0o600
     r = subprocess.run([*exe, "db", "current", f"--data-dir={data}"], capture_output=True, text=True, timeout=60)
     assert f"current: {head_revision()}" in r.stdout
     r = subprocess.run([*exe, "demo", f"--data-dir={data}"], capture_output=True, text=True, timeout=120)
