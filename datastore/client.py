@@ -132,7 +132,44 @@ def file_url(client: Client, exid: str, path: str) -> str:
     return client._url(f"/experiments/{quote(exid, safe='')}/files/{quote(path.lstrip('/'))}")
 
 
-class RemoteFile(io.RawIOBase):
+class _ReadOnlyFile(io.RawIOBase):
+    """Position, seeking and naming shared by the served and the direct file objects."""
+
+    _pos = 0
+    _size = 0
+
+    def __init__(self, client: Client, exid: str, path: str):
+        super().__init__()
+        self.client, self.exid, self.path = client, exid, path
+
+    @property
+    def name(self) -> str:
+        return f"labvault:{self.exid}/{self.path}"
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        if whence not in (io.SEEK_SET, io.SEEK_CUR, io.SEEK_END):
+            raise ValueError(f"bad whence {whence}")
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
+        if base + offset < 0:
+            raise ValueError("negative seek position")
+        self._pos = base + offset
+        return self._pos
+
+
+class RemoteFile(_ReadOnlyFile):
     """Served reads: HTTP Range requests into reused buffers, with adaptive read-ahead.
 
     ``readinto`` always fills the whole buffer (short only at end of file): h5py calls it once
@@ -142,50 +179,17 @@ class RemoteFile(io.RawIOBase):
 
     def __init__(self, client: Client, exid: str, path: str, *, block_size: int = 256 * 1024,
                  max_block: int = 16 * 1024 * 1024, cache_blocks: int = 4):
-        super().__init__()
-        self.client, self.exid, self.path = client, exid, path
+        super().__init__(client, exid, path)
         self.url = file_url(client, exid, path)
         self.block_size, self.max_block = block_size, max_block
         self._cache: OrderedDict[int, memoryview] = OrderedDict()  # start offset -> data
         self._cache_blocks = cache_blocks
-        self._pos = 0
         self._next_sequential = -1
         self._readahead = block_size
         r = client.http.request("HEAD", self.url, headers=client.headers)
         if r.status >= 400:
             client._json(client.http.request("GET", self.url, headers={**client.headers, "Range": "bytes=0-0"}))
         self._size = int(r.headers.get("Content-Length", "0"))
-
-    @property
-    def name(self) -> str:
-        return f"labvault:{self.exid}/{self.path}"
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    @property
-    def size(self) -> int:
-        return self._size
-
-    def tell(self) -> int:
-        return self._pos
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        if whence == io.SEEK_SET:
-            pos = offset
-        elif whence == io.SEEK_CUR:
-            pos = self._pos + offset
-        elif whence == io.SEEK_END:
-            pos = self._size + offset
-        else:
-            raise ValueError(f"bad whence {whence}")
-        if pos < 0:
-            raise ValueError("negative seek position")
-        self._pos = pos
-        return pos
 
     def _fetch_into(self, start: int, buf: memoryview) -> None:
         """GET bytes [start, start+len(buf)) straight into ``buf``."""
@@ -265,7 +269,7 @@ class RemoteFile(io.RawIOBase):
         super().close()
 
 
-class DirectFile(io.RawIOBase):
+class DirectFile(_ReadOnlyFile):
     """Direct reads: decrypt ciphertext from the read-only mount with a leased data key.
 
     The lease (one file's key, for minutes) is renewed through a fresh decision of the service
@@ -273,9 +277,7 @@ class DirectFile(io.RawIOBase):
     """
 
     def __init__(self, client: Client, exid: str, path: str, lease: dict):
-        super().__init__()
-        self.client, self.exid, self.path = client, exid, path
-        self._pos = 0
+        super().__init__(client, exid, path)
         self._inner = None
         self._install(lease)
 
@@ -296,26 +298,6 @@ class DirectFile(io.RawIOBase):
             return
         lease = self.client.request("POST", f"/experiments/{quote(self.exid, safe='')}/leases", {"path": self.path})
         self._install(lease)
-
-    @property
-    def name(self) -> str:
-        return f"labvault:{self.exid}/{self.path}"
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self._pos
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
-        if base + offset < 0:
-            raise ValueError("negative seek position")
-        self._pos = base + offset
-        return self._pos
 
     def readinto(self, b) -> int:
         self._renew_if_due()

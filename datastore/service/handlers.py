@@ -540,23 +540,28 @@ class FileAccess:
         """Decide this request (every request: access that ends, ends here); audit one event
         per file and user per read window, not one per byte range."""
         path = self._path(path)
+        target = f"file:{exid}/{path}"
         with self.sessions() as s:
-            e, ev = self.read_experiment(s, exid)
+            e = self.experiment(s, exid)
+            # one decision per request: the file's (which is the experiment's, plus deletion)
+            decision = self.service.policy.decide(self.subject(s), "read", p.File(experiment_value(s, e), path),
+                                                  self.now)
+            if not decision.allowed and decision.rule != "retention.deleted":
+                self.audit("file.read", target, decision)
+                raise denied(decision, 404 if e.proprietary else 403)  # proprietary: not revealed
             row = s.scalars(select(StoredFile).where(StoredFile.experiment_id == e.id, StoredFile.path == path)
                             .order_by(StoredFile.id.desc())).first()
             if row is None:
                 raise APIError(404, "not found", "", f"no file {path!r} in {exid}")
-            target = f"file:{exid}/{path}"
             if row.deleted_at is not None:
                 d = p.Decision(False, "retention.deleted",
                                f"{exid}/{path} was permanently deleted on {row.deleted_at:%Y-%m-%d}: "
                                f"{row.deleted_reason or 'no reason recorded'}")
                 self.audit("file.read", target, d)
                 raise APIError(410, "gone", d.rule, d.reason)
-            decision = self.service.policy.decide(self.subject(s), "read", p.File(ev, path), self.now)
-            if not decision.allowed:
+            if not decision.allowed:  # the whole experiment was deleted
                 self.audit("file.read", target, decision)
-                raise denied(decision)
+                raise APIError(410, "gone", decision.rule, decision.reason)
             s.expunge(row)
         if self.service.open_read_window(self.lv_user.id, row.id):
             self.audit("file.read", target, decision, {"uuid": row.uuid})
