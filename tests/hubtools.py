@@ -43,6 +43,7 @@ class Hub:
     workdir: Path
     clock_file: Path
     process: subprocess.Popen
+    hub_secret: str = ""
     http: urllib3.PoolManager = field(default_factory=lambda: urllib3.PoolManager(retries=False, timeout=30))
 
     def hub_request(self, method: str, path: str, body=None, token: str | None = None):
@@ -96,6 +97,7 @@ def start_hub(workdir: Path, db_url: str, *, now=None, service_config: str = "")
     proxy = require_proxy()
     port, hub_port, api_port, service_port = (free_port() for _ in range(4))
     admin_token, other_token = secrets.token_hex(32), secrets.token_hex(32)
+    hub_secret = secrets.token_hex(32)
     clock_file = workdir / "clock"
     if now is not None:
         clock_file.write_text(now.isoformat())
@@ -119,7 +121,7 @@ c.JupyterHub.authenticator_class = "dummy"
 c.JupyterHub.cleanup_servers = True
 c.JupyterHub.services = [
     {{"name": "labvault", "url": "http://127.0.0.1:{service_port}",
-      "command": {service_cmd!r}, "environment": {{"LABVAULT_DB_URL": {db_url!r}}},
+      "command": {service_cmd!r}, "environment": {{"LABVAULT_DB_URL": {db_url!r}, "LABVAULT_HUB_SECRET": {hub_secret!r}}},
       "display": False, "oauth_no_confirm": True}},
     {{"name": "test-admin", "api_token": "{admin_token}"}},
     {{"name": "other-service", "api_token": "{other_token}"}},
@@ -132,14 +134,16 @@ c.JupyterHub.load_roles = [
 {service_config}
 """
     (workdir / "jupyterhub_config.py").write_text(config)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    # the Hub's own side of the Hub-internal API (authenticator, spawner)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "LABVAULT_HUB_SECRET": hub_secret,
+           "LABVAULT_SERVICE_URL": f"http://127.0.0.1:{service_port}/services/labvault"}
     log = open(workdir / "hub.log", "wb")  # noqa: SIM115 - closed with the process
     process = subprocess.Popen([sys.executable, "-m", "jupyterhub", "-f", str(workdir / "jupyterhub_config.py")],
                                cwd=workdir, stdout=log, stderr=subprocess.STDOUT, env=env)
     hub = Hub(url=f"http://127.0.0.1:{port}", api=f"http://127.0.0.1:{port}/hub/api",
               service_url=f"http://127.0.0.1:{service_port}/services/labvault",
               admin_token=admin_token, other_service_token=other_token, db_url=db_url, workdir=workdir,
-              clock_file=clock_file, process=process)
+              clock_file=clock_file, process=process, hub_secret=hub_secret)
     deadline = time.monotonic() + 60
     ready = False
     while time.monotonic() < deadline:

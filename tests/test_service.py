@@ -129,6 +129,25 @@ def last_event(hub, **match):
 
 
 # --- tokens -------------------------------------------------------------------------------
+def test_hub_internal_api_wants_the_hubs_secret(hub, as_):
+    """The Hub's own API: user tokens, other services and wrong secrets get 401."""
+    url = hub.service_url + "/api/v1/hub/users/alice"
+    for headers in ({}, {"Authorization": f"token {as_('alice').token}"},
+                    {"Authorization": f"token {hub.other_service_token}"},
+                    {"Authorization": "labvault-hub " + "0" * 64}):
+        r = hub.http.request("GET", url, headers=headers)
+        assert r.status == 401, headers
+        assert json.loads(r.data)["reason"] == "the Hub-internal API needs the Hub's secret"
+    r = hub.http.request("GET", url, headers={"Authorization": f"labvault-hub {hub.hub_secret}"})
+    assert r.status == 200
+    alice = json.loads(r.data)
+    assert (alice["name"], alice["state"], alice["institution_verified"], alice["is_vendor"]) == \
+        ("alice", "active", True, False)
+    r = hub.http.request("GET", hub.service_url + "/api/v1/hub/users/nobody-here",
+                         headers={"Authorization": f"labvault-hub {hub.hub_secret}"})
+    assert r.status == 404 and json.loads(r.data)["rule"] == "account.state"
+
+
 def test_token_misuse(hub):
     status, body = Client(hub, None)("GET", "/experiments")
     assert status == 401 and body["error"] == "authentication required"

@@ -118,6 +118,16 @@ class DatastoreService(LabvaultCommand):
         service. Never set it in production.""",
     ).tag(config=True)
 
+    hub_secret = Unicode(
+        help="""Shared secret of the Hub-internal API (``/api/v1/hub/…``), which the Hub's
+        authenticator and spawner call. Default: $LABVAULT_HUB_SECRET. Empty disables that API.
+        Give it through the environment, never on a command line (the Hub logs those).""",
+    ).tag(config=True)
+
+    @default("hub_secret")
+    def _default_hub_secret(self):
+        return os.environ.get("LABVAULT_HUB_SECRET", "")
+
     trust_xheaders = Bool(
         True,
         help="Take the client address from X-Forwarded-For (set by JupyterHub's proxy).",
@@ -131,7 +141,8 @@ class DatastoreService(LabvaultCommand):
         return datetime.now(timezone.utc)
 
     def make_app(self) -> web.Application:
-        from .handlers import default_handlers
+        from .handlers import API, _pattern, default_handlers
+        from .hub_api import HUB_ROUTES
 
         self.policy: Policy = default_policy()
         self.engine = make_engine(self.db_url)
@@ -143,7 +154,8 @@ class DatastoreService(LabvaultCommand):
         self._readers: OrderedDict[int, object] = OrderedDict()
         self._read_windows: dict[tuple[int, int], float] = {}
         base = "/" + self.base_url.strip("/") + "/"
-        handlers = [(base.rstrip("/") + path, cls) for path, cls in default_handlers]
+        routes = default_handlers + [(API + _pattern(t), cls) for t, cls in HUB_ROUTES]
+        handlers = [(base.rstrip("/") + path, cls) for path, cls in routes]
         return web.Application(
             handlers,
             labvault=self,

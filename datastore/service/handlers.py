@@ -49,12 +49,10 @@ def denied(decision: p.Decision, status: int = 403) -> APIError:
     return APIError(status, "forbidden" if status == 403 else "not found", decision.rule, decision.reason)
 
 
-class BaseAPIHandler(HubAuthenticated, web.RequestHandler):
-    """Authenticates with the Hub token, maps to a labvault user, rate-limits, speaks JSON."""
+class JSONHandler(web.RequestHandler):
+    """Speaks JSON: bodies in, answers and ``{"error", "rule", "reason"}`` errors out."""
 
-    lv_user: User | None = None
     lv_user_name = "-"
-    _subject: p.Subject | None = None
 
     @property
     def service(self):
@@ -68,6 +66,66 @@ class BaseAPIHandler(HubAuthenticated, web.RequestHandler):
         self.set_header("Content-Type", "application/json; charset=utf-8")
         self.set_header("Cache-Control", "no-store")
         self.set_header("X-Content-Type-Options", "nosniff")
+
+    def log_exception(self, typ, value, tb):
+        """Tornado logs errors with the client's full IP; we log the path and user only."""
+        if isinstance(value, web.HTTPError):
+            self.service.log.info("%d %s %s: %s", value.status_code, self.request.method,
+                                  self.request.path, getattr(value, "reason", "") or value.log_message)
+        else:
+            self.service.log.error("uncaught error in %s %s", self.request.method, self.request.path,
+                                   exc_info=(typ, value, tb))
+
+    def json_body(self) -> dict:
+        if not self.request.body:
+            return {}
+        try:
+            body = json.loads(self.request.body)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise APIError(400, "bad request", "", f"malformed JSON: {e}") from None
+        if not isinstance(body, dict):
+            raise APIError(400, "bad request", "", "expected a JSON object")
+        return body
+
+    def field(self, body: dict, name: str, kind: type = str, required: bool = True) -> Any:
+        value = body.get(name)
+        if value is None:
+            if required:
+                raise APIError(400, "bad request", "", f"missing field {name!r}")
+            return None
+        if kind is datetime:
+            if not isinstance(value, str):
+                raise APIError(400, "bad request", "", f"{name!r} must be an ISO date string")
+            try:
+                t = datetime.fromisoformat(value.replace("Z", "+00:00"))
+            except ValueError:
+                raise APIError(400, "bad request", "", f"{name!r} is not an ISO date: {value!r}") from None
+            return t if t.tzinfo else t.replace(tzinfo=timezone.utc)
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise APIError(400, "bad request", "", f"{name!r} must be a {kind.__name__}")
+        return value
+
+    def write_json(self, data: Any, status: int = 200) -> None:
+        self.set_status(status)
+        self.finish(json.dumps(data, default=views.json_default))
+
+    def write_error(self, status_code: int, **kwargs):
+        exc = kwargs.get("exc_info", (None, None, None))[1]
+        if isinstance(exc, APIError):
+            body = {"error": exc.error, "rule": exc.rule, "reason": exc.reason}
+        elif isinstance(exc, web.HTTPError):
+            body = {"error": exc.log_message or self._reason, "rule": "", "reason": exc.log_message or self._reason}
+        else:  # a bug: say so, show nothing of it
+            body = {"error": "internal error", "rule": "", "reason": "the service failed; the error was logged"}
+        self.set_header("Content-Type", "application/json; charset=utf-8")
+        self.finish(json.dumps(body))
+
+
+class BaseAPIHandler(HubAuthenticated, JSONHandler):
+    """Authenticates with the Hub token, maps to a labvault user, rate-limits, speaks JSON."""
+
+    lv_user: User | None = None
+    _subject: p.Subject | None = None
 
     def get_current_user(self):  # tornado's sync hook: prepare() has resolved it already
         return getattr(self, "_lv_model", None)
@@ -108,15 +166,6 @@ class BaseAPIHandler(HubAuthenticated, web.RequestHandler):
     def log_exception_quietly(self):
         self.service.log.exception("hub authentication failed")
 
-    def log_exception(self, typ, value, tb):
-        """Tornado logs errors with the client's full IP; we log the path and user only."""
-        if isinstance(value, web.HTTPError):
-            self.service.log.info("%d %s %s: %s", value.status_code, self.request.method,
-                                  self.request.path, getattr(value, "reason", "") or value.log_message)
-        else:
-            self.service.log.error("uncaught error in %s %s", self.request.method, self.request.path,
-                                   exc_info=(typ, value, tb))
-
     # helpers --------------------------------------------------------------------------
     @property
     def actor(self) -> ops.Actor:
@@ -146,35 +195,6 @@ class BaseAPIHandler(HubAuthenticated, web.RequestHandler):
         if audit_allowed:
             self.audit(action, target, decision)
         return decision
-
-    def json_body(self) -> dict:
-        if not self.request.body:
-            return {}
-        try:
-            body = json.loads(self.request.body)
-        except (ValueError, UnicodeDecodeError) as e:
-            raise APIError(400, "bad request", "", f"malformed JSON: {e}") from None
-        if not isinstance(body, dict):
-            raise APIError(400, "bad request", "", "expected a JSON object")
-        return body
-
-    def field(self, body: dict, name: str, kind: type = str, required: bool = True) -> Any:
-        value = body.get(name)
-        if value is None:
-            if required:
-                raise APIError(400, "bad request", "", f"missing field {name!r}")
-            return None
-        if kind is datetime:
-            if not isinstance(value, str):
-                raise APIError(400, "bad request", "", f"{name!r} must be an ISO date string")
-            try:
-                t = datetime.fromisoformat(value.replace("Z", "+00:00"))
-            except ValueError:
-                raise APIError(400, "bad request", "", f"{name!r} is not an ISO date: {value!r}") from None
-            return t if t.tzinfo else t.replace(tzinfo=timezone.utc)
-        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-            raise APIError(400, "bad request", "", f"{name!r} must be a {kind.__name__}")
-        return value
 
     def experiment(self, session, exid: str) -> Experiment:
         e = session.scalar(select(Experiment).where(Experiment.exid == exid))
@@ -209,21 +229,6 @@ class BaseAPIHandler(HubAuthenticated, web.RequestHandler):
             raise APIError(404, "not found", "", str(e)) from None
         except ops.OperationError as e:
             raise APIError(400, "bad request", "", str(e)) from None
-
-    def write_json(self, data: Any, status: int = 200) -> None:
-        self.set_status(status)
-        self.finish(json.dumps(data, default=views.json_default))
-
-    def write_error(self, status_code: int, **kwargs):
-        exc = kwargs.get("exc_info", (None, None, None))[1]
-        if isinstance(exc, APIError):
-            body = {"error": exc.error, "rule": exc.rule, "reason": exc.reason}
-        elif isinstance(exc, web.HTTPError):
-            body = {"error": exc.log_message or self._reason, "rule": "", "reason": exc.log_message or self._reason}
-        else:  # a bug: say so, show nothing of it
-            body = {"error": "internal error", "rule": "", "reason": "the service failed; the error was logged"}
-        self.set_header("Content-Type", "application/json; charset=utf-8")
-        self.finish(json.dumps(body))
 
 
 # --------------------------------------------------------------------------------------
