@@ -509,10 +509,76 @@ class AuditHead(Base):
     hash: Mapped[str] = mapped_column(String(64))
 
 
+# --------------------------------------------------------------------------------------
+# sign-in: local accounts (the embedded default) and identity-provider identities
+# --------------------------------------------------------------------------------------
+class LocalCredential(Base):
+    """A local account's secrets: password hash (Argon2id), TOTP secret, lockout, e-mail token.
+
+    Only the datastore service reads this table; the Hub asks the service to check a login.
+    """
+
+    __tablename__ = "local_credentials"
+
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), primary_key=True)
+    password_hash: Mapped[str] = mapped_column(String(200))
+    totp_secret: Mapped[str | None] = mapped_column(String(64))
+    totp_confirmed_at: Mapped[datetime | None]
+    failed_attempts: Mapped[int] = mapped_column(default=0)
+    locked_until: Mapped[datetime | None]
+    email_token_hash: Mapped[str | None] = mapped_column(String(64), index=True)  # sha256 of the link's token
+    email_token_expires_at: Mapped[datetime | None]
+    adult_confirmed_at: Mapped[datetime | None]  # "I am 18 or older", ticked at sign-up
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime | None]
+
+
+class ExternalIdentity(Base):
+    """A user's identity at an identity provider (OAuth/OIDC ``iss`` + ``sub``)."""
+
+    __tablename__ = "external_identities"
+    __table_args__ = (UniqueConstraint("idp", "subject"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    idp: Mapped[str] = mapped_column(String(255))
+    subject: Mapped[str] = mapped_column(String(255))
+    claims: Mapped[dict] = mapped_column(JSON, default=dict)  # the membership claims last seen
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    last_seen_at: Mapped[datetime | None]
+
+
+# --------------------------------------------------------------------------------------
+# lifecycle: notices (an outbox: recorded with the decision, sent after, exactly once)
+# --------------------------------------------------------------------------------------
+class Notice(Base):
+    """A notice to send (e-mail), recorded in the same transaction as the decision behind it.
+
+    ``key`` is unique per notice (e.g. ``retention:NLS-2026-0001:30:2027-12-01``), so a rerun
+    never records it twice; ``sent_at`` is set once the SMTP server accepted it, so a crash
+    between the two leaves it to be sent by the next run.
+    """
+
+    __tablename__ = "notices"
+    __table_args__ = (Index("ix_notices_unsent", "sent_at"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    key: Mapped[str] = mapped_column(String(200), unique=True)
+    kind: Mapped[str] = mapped_column(String(50))
+    rule: Mapped[str] = mapped_column(String(80))
+    user_id: Mapped[int | None] = mapped_column(ForeignKey("users.id"))
+    subject: Mapped[str] = mapped_column(String(300))
+    body: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    sent_at: Mapped[datetime | None]
+    attempts: Mapped[int] = mapped_column(default=0)
+    last_error: Mapped[str | None] = mapped_column(Text)
+
+
 __all__ = [
     "Base", "Institution", "InstitutionIdentifier", "Licence", "Department", "User",
     "DepartmentMembership", "Project", "Experiment", "RoleGrant", "Share", "DataKey",
     "StoredFile", "ReplicaFault", "PersonalShare", "ResultSet", "Result", "Comment", "Environment",
-    "AuditEvent", "AuditHead", "UserState", "Role", "ShareState", "experiment_projects",
+    "AuditEvent", "AuditHead", "LocalCredential", "ExternalIdentity", "Notice", "UserState", "Role", "ShareState", "experiment_projects",
     "result_set_projects", "utcnow",
 ]
