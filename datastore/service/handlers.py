@@ -601,14 +601,10 @@ class FileAccess:
 
 
 
-@web.stream_request_body
-class FileHandler(FileAccess, BaseAPIHandler):
-    """One file: GET/HEAD with HTTP Range (served path), PUT to upload, DELETE (PI).
-
-    Upload bodies stream into a spooled temporary file (memory up to 8 MiB, then disk) as they
+class StreamedUpload:
+    """PUT bodies stream into a spooled temporary file (memory up to 8 MiB, then disk) as they
     arrive, up to ``DatastoreService.max_upload_size``; a larger declared size is refused with
-    413 before anything is read.
-    """
+    413 before anything is read. Use with ``@web.stream_request_body``."""
 
     _upload = None
 
@@ -637,22 +633,28 @@ class FileHandler(FileAccess, BaseAPIHandler):
         if self._upload is not None:
             self._upload.close()
 
+    def upload_blocks(self):
+        self._upload.seek(0)
+        return iter(lambda: self._upload.read(4 * 1024 * 1024), b"")
+
+
+class FileServing(FileAccess):
+    """HEAD and GET (one HTTP Range) of a stored file the request was allowed to read."""
+
     def _data_headers(self, row: StoredFile) -> None:
         self.set_header("Content-Type", "application/octet-stream")
         self.set_header("Accept-Ranges", "bytes")
         if row.checksum:
             self.set_header("ETag", f'"{row.checksum}"')
 
-    def head(self, exid, path):
-        row = self._decide_read(exid, path)
+    def serve_head(self, row: StoredFile) -> None:
         self._data_headers(row)
         self.set_header("Content-Length", str(row.size))
         self.finish()
 
-    async def get(self, exid, path):
+    async def serve(self, row: StoredFile) -> None:
         from labvault.datastore.store.errors import StoreError
 
-        row = self._decide_read(exid, path)
         reader = self._reader(row)
         span = self._range(row.size)
         start, end = span if span else (0, row.size - 1)
@@ -686,14 +688,22 @@ class FileHandler(FileAccess, BaseAPIHandler):
                 await self.flush()
         self.finish()
 
+
+@web.stream_request_body
+class FileHandler(StreamedUpload, FileServing, BaseAPIHandler):
+    """One file: GET/HEAD with HTTP Range (served path), PUT to upload, DELETE (PI)."""
+
+    def head(self, exid, path):
+        self.serve_head(self._decide_read(exid, path))
+
+    async def get(self, exid, path):
+        await self.serve(self._decide_read(exid, path))
+
     def put(self, exid, path):
         path = self._path(path)
         self.guard(exid)
-        store = self.service.store
-        self._upload.seek(0)
-        blocks = iter(lambda: self._upload.read(4 * 1024 * 1024), b"")
         try:
-            info = store.ingest_stream(self.actor, exid, path, blocks, now=self.now)
+            info = self.service.store.ingest_stream(self.actor, exid, path, self.upload_blocks(), now=self.now)
         except ops.Denied as e:
             raise denied(e.decision) from None
         except ops.OperationError as e:
