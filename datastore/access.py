@@ -25,6 +25,7 @@ from .models import (
     Experiment,
     Institution,
     Licence,
+    PersonalShare,
     Project,
     RoleGrant,
     User,
@@ -210,3 +211,13 @@ def list_visible(session: Session, user_id: int | None, now: datetime,
         return list(session.scalars(visible_experiments(p.ANONYMOUS, now, policy)))
     params = {"uid": user_id, "now": now, "cutoff": policy.facility_cutoff(now)}
     return list(session.scalars(_listing_statement(), params))
+
+
+def personal_shared_with(session: Session, owner_id: int, path: str) -> frozenset[int]:
+    """The users a personal file or folder ``path`` is shared with: by a share of the path
+    itself or of a folder above it (``data`` covers ``data/run1/a.h5``). Revoked shares don't count."""
+    rows = session.execute(
+        select(PersonalShare.path, PersonalShare.shared_with_id)
+        .where(PersonalShare.owner_id == owner_id, PersonalShare.revoked_at.is_(None))
+    )
+    return frozenset(uid for shared, uid in rows if path == shared or path.startswith(shared + "/"))

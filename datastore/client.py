@@ -115,6 +115,51 @@ class Client:
 
         return h5py.File(self.open(exid, path), "r", **kwargs)
 
+    def upload(self, exid: str, path: str, data: bytes | Any) -> dict:
+        """Store ``data`` (bytes or a binary file object) as ``path`` of an experiment (writers)."""
+        return self._put(f"/experiments/{quote(exid, safe='')}/files/{quote(path.lstrip('/'))}", data)
+
+    # -- my personal repository, and what others shared with me -------------------------------
+    def personal_files(self) -> list[dict]:
+        return self.request("GET", "/personal/files")["files"]
+
+    def open_personal(self, path: str, *, block_size: int = 256 * 1024) -> RemoteFile:
+        return RemoteFile(self, "~", path, block_size=block_size,
+                          url=self._url(f"/personal/files/{quote(path.lstrip('/'))}"))
+
+    def put_personal(self, path: str, data: bytes | Any) -> dict:
+        return self._put(f"/personal/files/{quote(path.lstrip('/'))}", data)
+
+    def delete_personal(self, path: str, reason: str = "") -> dict:
+        q = f"?reason={quote(reason)}" if reason else ""
+        return self.request("DELETE", f"/personal/files/{quote(path.lstrip('/'))}{q}")
+
+    def share_personal(self, path: str, user: str) -> dict:
+        """Share a file or folder of my repository with ``user``."""
+        return self.request("POST", "/personal/shares", {"path": path, "user": user})
+
+    def personal_shares(self) -> list[dict]:
+        return self.request("GET", "/personal/shares")["shares"]
+
+    def unshare_personal(self, share_id: int) -> dict:
+        return self.request("DELETE", f"/personal/shares/{int(share_id)}")
+
+    def shared_with_me(self) -> list[dict]:
+        return self.request("GET", "/shared-with-me")["files"]
+
+    def open_shared(self, owner: str, path: str, *, block_size: int = 256 * 1024) -> RemoteFile:
+        return RemoteFile(self, f"~{owner}", path, block_size=block_size,
+                          url=self._url(f"/shared-with-me/{quote(owner, safe='')}/{quote(path.lstrip('/'))}"))
+
+    def _put(self, api_path: str, data: bytes | Any) -> dict:
+        headers = {**self.headers, "Content-Type": "application/octet-stream"}
+        if isinstance(data, (bytes, bytearray, memoryview)):
+            body = bytes(data)
+        else:  # a file object: its size is needed for Content-Length
+            body = data.read()
+        headers["Content-Length"] = str(len(body))
+        return self._json(self.http.request("PUT", self._url(api_path), body=body, headers=headers))
+
     def _lease(self, exid: str, path: str) -> dict | None:
         try:
             lease = self.request("POST", f"/experiments/{quote(exid, safe='')}/leases", {"path": path})
@@ -178,9 +223,9 @@ class RemoteFile(_ReadOnlyFile):
     """
 
     def __init__(self, client: Client, exid: str, path: str, *, block_size: int = 256 * 1024,
-                 max_block: int = 16 * 1024 * 1024, cache_blocks: int = 4):
+                 max_block: int = 16 * 1024 * 1024, cache_blocks: int = 4, url: str | None = None):
         super().__init__(client, exid, path)
-        self.url = file_url(client, exid, path)
+        self.url = url or file_url(client, exid, path)
         self.block_size, self.max_block = block_size, max_block
         self._cache: OrderedDict[int, memoryview] = OrderedDict()  # start offset -> data
         self._cache_blocks = cache_blocks

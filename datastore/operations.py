@@ -20,7 +20,7 @@ from labvault import policies as p
 from labvault.policies import Decision
 
 from . import audit
-from .access import experiment_value, list_visible, load_subject
+from .access import experiment_value, list_visible, load_subject, personal_shared_with
 from .models import (
     Department,
     DepartmentMembership,
@@ -29,6 +29,7 @@ from .models import (
     Institution,
     InstitutionIdentifier,
     Licence,
+    PersonalShare,
     Project,
     ResultSet,
     Role,
@@ -351,12 +352,8 @@ def add_licence(factory, actor: Actor, institution: str, product: str, *,
                 {"product": product, "valid_until": valid_until.isoformat() if valid_until else None})
 
 
-def add_environment(factory, actor: Actor, name: str, *, display_name: str = "",
-                    image: str | None = None, kernelspec: str | None = None,
-                    licences: Iterable[str] = (), proprietary: bool = False,
-                    institution: str | None = None, public: bool = False,
-                    now: datetime | None = None) -> int:
-    now = now or utcnow()
+def _check_environment(name: str, image: str | None, kernelspec: str | None, proprietary: bool,
+                       institution: str | None, public: bool, now: datetime) -> None:
     if not re.match(r"^[a-z0-9][a-z0-9._-]{0,99}$", name):
         raise OperationError(f"bad environment name {name!r}")
     if not image and not kernelspec:
@@ -366,6 +363,15 @@ def add_environment(factory, actor: Actor, name: str, *, display_name: str = "",
         raise Denied(d)
     if proprietary and not institution:
         raise OperationError("a proprietary environment needs its owning institution")
+
+
+def add_environment(factory, actor: Actor, name: str, *, display_name: str = "",
+                    image: str | None = None, kernelspec: str | None = None,
+                    licences: Iterable[str] = (), proprietary: bool = False,
+                    institution: str | None = None, public: bool = False,
+                    now: datetime | None = None) -> int:
+    now = now or utcnow()
+    _check_environment(name, image, kernelspec, proprietary, institution, public, now)
     with factory.begin() as session:
         if session.scalar(select(Environment.id).where(Environment.name == name)):
             raise OperationError(f"environment {name!r} exists already")
@@ -379,6 +385,33 @@ def add_environment(factory, actor: Actor, name: str, *, display_name: str = "",
         _record(session, actor, "environment.add", f"environment:{name}", OPERATOR, now,
                 {"licences": sorted(set(licences)), "proprietary": proprietary})
         return env.id
+
+
+def update_environment(factory, actor: Actor, name: str, *, display_name: str = "",
+                       image: str | None = None, kernelspec: str | None = None,
+                       licences: Iterable[str] = (), proprietary: bool = False,
+                       institution: str | None = None, public: bool = False,
+                       now: datetime | None = None) -> list[str]:
+    """Make environment ``name`` exactly this (the catalogue's sync). Returns the fields that
+    changed (empty: nothing was written, nothing audited)."""
+    now = now or utcnow()
+    _check_environment(name, image, kernelspec, proprietary, institution, public, now)
+    with factory.begin() as session:
+        env = session.scalar(select(Environment).where(Environment.name == name))
+        if env is None:
+            raise NotFound(f"unknown environment {name!r}")
+        inst = get_institution(session, institution) if institution else None
+        wanted = {"display_name": display_name or name, "image": image, "kernelspec": kernelspec,
+                  "licences": sorted(set(licences)), "proprietary": proprietary,
+                  "institution_id": inst.id if inst else None, "public": public}
+        changed = [k for k, v in wanted.items() if getattr(env, k) != v]
+        if not changed:
+            return []
+        for k in changed:
+            setattr(env, k, wanted[k])
+        _record(session, actor, "environment.update", f"environment:{name}", OPERATOR, now,
+                {"changed": changed, "licences": wanted["licences"], "proprietary": proprietary})
+        return changed
 
 
 # --------------------------------------------------------------------------------------
@@ -670,3 +703,57 @@ def publish_result_set(factory, actor: Actor, result_set_id: int, now: datetime 
             _record(session, actor, "result_set.publish", target, decision, now)
             return rs
     raise _refuse(factory, actor, "result_set.publish", target, decision, now)
+
+
+# --------------------------------------------------------------------------------------
+# personal repositories: their owner's alone, shared file by file or folder by folder
+# --------------------------------------------------------------------------------------
+def share_personal(factory, actor: Actor, path: str, user: str, now: datetime | None = None) -> PersonalShare:
+    """Share a file or folder (``path``, a prefix) of the actor's personal repository with
+    ``user``. From then on that user sees the owner's name and institution (privacy statement)."""
+    now = now or utcnow()
+    path = path.strip("/")
+    if not path:
+        raise OperationError("share a file or a folder, not the whole repository")
+    with factory.begin() as session:
+        owner = session.get(User, actor.user_id) if actor.user_id is not None else None
+        if owner is None:
+            raise OperationError("only a user shares their personal repository")
+        target = f"personal:{owner.name}/{path}"
+        u = get_user(session, user)
+        item = p.PersonalItem(owner.id, path, personal_shared_with(session, owner.id, path))
+        decision = p.decide(load_subject(session, owner.id, now), "share", item, now)
+        if decision.allowed:
+            if u.id == owner.id:
+                raise OperationError("it is yours already")
+            if u.state != UserState.active:
+                raise OperationError(f"{user} has no active account")
+            share = session.scalar(select(PersonalShare).where(
+                PersonalShare.owner_id == owner.id, PersonalShare.path == path,
+                PersonalShare.shared_with_id == u.id, PersonalShare.revoked_at.is_(None)))
+            if share is None:
+                share = PersonalShare(owner_id=owner.id, path=path, shared_with_id=u.id, created_at=now)
+                session.add(share)
+                session.flush()
+            _record(session, actor, "personal.share", target, decision, now, {"user": user, "share": share.id})
+            return share
+    raise _refuse(factory, actor, "personal.share", target, decision, now)
+
+
+def revoke_personal_share(factory, actor: Actor, share_id: int, now: datetime | None = None) -> PersonalShare:
+    """The owner withdraws a personal share; the history row stays (``revoked_at``)."""
+    now = now or utcnow()
+    with factory.begin() as session:
+        share = session.get(PersonalShare, share_id)
+        if share is None or share.owner_id != actor.user_id:  # others' shares: not revealed
+            raise NotFound(f"unknown share {share_id}")
+        owner = session.get(User, share.owner_id)
+        target = f"personal:{owner.name}/{share.path}"
+        decision = p.decide(load_subject(session, actor.user_id, now), "share",
+                            p.PersonalItem(owner.id, share.path), now)
+        if decision.allowed:
+            if share.revoked_at is None:
+                share.revoked_at = now
+            _record(session, actor, "personal.unshare", target, decision, now, {"share": share.id})
+            return share
+    raise _refuse(factory, actor, "personal.unshare", target, decision, now)

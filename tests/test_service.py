@@ -584,3 +584,69 @@ def test_closing_my_account(hub, as_):
     assert status == 200 and exids(body) == []  # closed: nothing, not even public experiments
     status, body = zed("GET", "/experiments/NLS-2026-0002")
     assert status == 403 and body["rule"] == "account.state"
+
+
+# --- the personal repository ---------------------------------------------------------------
+def test_personal_repository_is_its_owners_alone_until_shared(hub, as_):
+    carol, bob, vera, alice = as_("carol"), as_("bob"), as_("vera"), as_("alice")
+    frames = hub.frames_bytes
+    status, body = carol("PUT", "/personal/files/notes/fit.h5", raw=frames)
+    assert status == 201 and body["size"] == len(frames)
+    assert carol("PUT", "/personal/files/notes/readme.txt", raw=b"my notes\n")[0] == 201
+    assert carol("PUT", "/personal/files/private.txt", raw=b"secret\n")[0] == 201
+    status, body = carol("GET", "/personal/files")
+    assert [f["path"] for f in body["files"]] == ["notes/fit.h5", "notes/readme.txt", "private.txt"]
+    assert bob("GET", "/personal/files")[1]["files"] == []  # each sees only their own
+    # nothing is shared yet: others get a 404 (not revealed), and the refusal is audited
+    status, body = bob("GET", "/shared-with-me/carol/notes/readme.txt")
+    assert status == 404 and body["rule"] == "user.own_data"
+    assert last_event(hub, actor="bob", action="file.read").target == "personal:carol/notes/readme.txt"
+    assert bob("GET", "/shared-with-me")[1]["files"] == []
+    # share the folder with bob and with vera (another institution: personal data is the owner's call)
+    status, share = carol("POST", "/personal/shares", {"path": "notes", "user": "bob"})
+    assert status == 201 and share["user"]["name"] == "bob"
+    assert carol("POST", "/personal/shares", {"path": "notes/readme.txt", "user": "vera"})[0] == 201
+    status, body = bob("GET", "/shared-with-me")
+    assert [(f["owner"]["name"], f["owner"]["institution"], f["path"]) for f in body["files"]] == [
+        ("carol", demo.UNI, "notes/fit.h5"), ("carol", demo.UNI, "notes/readme.txt")]
+    assert "email" not in body["files"][0]["owner"]
+    assert [f["path"] for f in vera("GET", "/shared-with-me")[1]["files"]] == ["notes/readme.txt"]
+    status, data = bob("GET", "/shared-with-me/carol/notes/readme.txt", headers={"Range": "bytes=3-7"})
+    assert status == 206 and data == b"notes"
+    assert vera("GET", "/shared-with-me/carol/notes/fit.h5")[0] == 404  # only the file was shared
+    assert bob("GET", "/shared-with-me/carol/private.txt")[0] == 404
+    assert alice("GET", "/shared-with-me/carol/notes/readme.txt")[0] == 404
+    # through the client and h5py, with the owner's and the reader's views alike
+    for f in (LabvaultClient(hub.service_url, bob.token).open_shared("carol", "notes/fit.h5"),
+              LabvaultClient(hub.service_url, carol.token).open_personal("notes/fit.h5")):
+        with h5py.File(f, "r") as h:
+            assert np.array_equal(h["entry/data"][5], hub.frames[5])
+    # only the owner changes or shares it
+    status, body = bob("POST", "/personal/shares", {"path": "notes", "user": "bob"})
+    assert status == 400  # bob's own repository has no such thing to share with himself
+    assert bob("PUT", "/shared-with-me/carol/notes/x.txt", raw=b"x")[0] == 405
+    assert bob("DELETE", f"/personal/shares/{share['id']}")[0] == 404  # someone else's share
+    # withdrawing ends access at the next request
+    status, body = carol("DELETE", f"/personal/shares/{share['id']}")
+    assert status == 200 and body["revoked_at"]
+    assert bob("GET", "/shared-with-me/carol/notes/readme.txt")[0] == 404
+    assert bob("GET", "/shared-with-me")[1]["files"] == []
+    # deleting crypto-shreds it; the share to vera then lists nothing
+    status, body = carol("DELETE", "/personal/files/notes/readme.txt")
+    assert status == 200 and body["deleted_at"]
+    assert carol("GET", "/personal/files/notes/readme.txt")[0] == 404
+    assert vera("GET", "/shared-with-me")[1]["files"] == []
+    with hub.factory() as s:
+        actions = {e.action for e in s.scalars(select(AuditEvent).where(AuditEvent.actor == "carol"))}
+    assert {"file.upload", "personal.share", "personal.unshare", "file.delete"} <= actions
+
+
+def test_personal_paths_are_checked(as_):
+    carol = as_("carol")
+    for bad in ("/personal/files/%2e%2e/x", "/personal/files/a/%00b", "/personal/files/a%5cb"):
+        status, body = carol("GET", bad)
+        assert status in (400, 404), bad
+    status, body = carol("POST", "/personal/shares", {"path": "", "user": "bob"})
+    assert status == 400 and "bad file path" in body["reason"]
+    status, body = carol("POST", "/personal/shares", {"path": "x", "user": "nobody-here"})
+    assert status == 404

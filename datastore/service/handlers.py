@@ -789,6 +789,12 @@ ROUTES = [
 ]
 
 
+# the personal repository lives in its own module (it imports this one)
+from .personal import ROUTES as _PERSONAL_ROUTES  # noqa: E402
+
+ROUTES += _PERSONAL_ROUTES
+
+
 def _pattern(template: str) -> str:
     """``{name}`` is one path segment; ``{name+}`` the rest of the path (a file's path)."""
     template = re.sub(r"\{(\w+)\+\}", r"(?P<\1>.+)", template)

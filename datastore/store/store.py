@@ -36,8 +36,8 @@ from labvault import policies as p
 from labvault.policies import Decision
 
 from .. import operations as ops
-from ..access import experiment_value, load_subject
-from ..models import DataKey, Experiment, ReplicaFault, StoredFile, utcnow
+from ..access import experiment_value, load_subject, personal_shared_with
+from ..models import DataKey, Experiment, ReplicaFault, StoredFile, User, utcnow
 from .align import hdf5_chunk_starts
 from .backends import LocalDirectoryBackend, PendingPut, StorageBackend, make_backend
 from .errors import FileDeleted, IntegrityError, KeyUnavailable, ReplicaWriteError, StoreError
@@ -100,6 +100,27 @@ class StoredFileInfo:
     @property
     def name(self) -> str:
         return f"{self.exid}/{self.path}"
+
+
+@dataclass(frozen=True)
+class Home:
+    """Where a file lives: an experiment (``exid``) or a user's personal repository (``owner``)."""
+
+    exid: str | None = None
+    owner: str | None = None
+
+    def __post_init__(self):
+        if (self.exid is None) == (self.owner is None):
+            raise ValueError("a file lives in exactly one experiment or personal repository")
+
+    @property
+    def label(self) -> str:
+        """How files' names start: ``NLS-2026-0001`` or ``~alice`` (a personal repository)."""
+        return self.exid if self.exid is not None else f"~{self.owner}"
+
+    def target(self, path: str) -> str:
+        """The audit target of a file here."""
+        return f"file:{self.exid}/{path}" if self.exid is not None else f"personal:{self.owner}/{path}"
 
 
 @dataclass(frozen=True)
@@ -469,23 +490,48 @@ class ChunkStore(LoggingConfigurable):
         subject = load_subject(session, actor.user_id, now)
         return p.decide(subject, "upload", p.File(experiment_value(session, e), path), now)
 
-    def _check_upload(self, actor: ops.Actor, exid: str, path: str, now: datetime
+    def _home_upload(self, s: Session, actor: ops.Actor, home: Home, path: str, now: datetime
+                     ) -> tuple[dict, Decision, StoredFile | None, list[str], Decision | None]:
+        """For an upload to ``home``: the row's home columns, the decision, the live file
+        already at ``path``, the target locations and the mirror decision."""
+        if home.exid is not None:
+            e = ops.get_experiment(s, home.exid)
+            targets, mirror = self._targets(s, e, now)
+            return ({"experiment_id": e.id}, self._decide_upload(s, actor, e, path, now),
+                    self._live_file(s, e, path), targets, mirror)
+        owner = ops.get_user(s, home.owner)
+        decision = self._decide_personal(s, actor, owner.id, path, "modify", now)
+        # personal data is never mirrored: mirrors are an experiment PI's agreement
+        return {"owner_id": owner.id}, decision, self._live_personal(s, owner.id, path), list(self.locations), None
+
+    def _decide_personal(self, s: Session, actor: ops.Actor, owner_id: int, path: str, action: str,
+                         now: datetime) -> Decision:
+        if actor.user_id is None:
+            return ops.OPERATOR
+        item = p.PersonalItem(owner_id, path, personal_shared_with(s, owner_id, path))
+        return p.decide(load_subject(s, actor.user_id, now), action, item, now)
+
+    @staticmethod
+    def _live_personal(session: Session, owner_id: int, path: str) -> StoredFile | None:
+        return session.scalar(
+            select(StoredFile).where(
+                StoredFile.owner_id == owner_id, StoredFile.path == path, StoredFile.deleted_at.is_(None),
+            )
+        )
+
+    def _check_upload(self, actor: ops.Actor, home: Home, path: str, now: datetime
                       ) -> tuple[list[str], Decision | None, StoredFileInfo | None]:
         """Decide before writing anything (a refusal is audited); return the target locations,
         the mirror decision and the live file already at ``path``, if any."""
-        target = f"file:{exid}/{path}"
         factory = self._require_sessions()
         with factory() as s:
-            e = ops.get_experiment(s, exid)
-            decision = self._decide_upload(s, actor, e, path, now)
-            existing = self._live_file(s, e, path)
-            info = self._info(existing, exid) if existing else None
-            targets, mirror = self._targets(s, e, now)
+            _, decision, existing, targets, mirror = self._home_upload(s, actor, home, path, now)
+            info = self._info(existing, home.label) if existing else None
         if not decision.allowed:
-            raise ops._refuse(factory, actor, "file.upload", target, decision, now)
+            raise ops._refuse(factory, actor, "file.upload", home.target(path), decision, now)
         return targets, mirror, info
 
-    def ingest_stream(self, actor: ops.Actor, exid: str, path: str, blocks: Iterable, *,
+    def ingest_stream(self, actor: ops.Actor, exid: str | Home, path: str, blocks: Iterable, *,
                       now: datetime | None = None,
                       progress: Callable[[int], None] | None = None) -> IngestResult:
         """Store a file from an iterable of byte blocks of any size (an upload's body).
@@ -495,14 +541,15 @@ class ChunkStore(LoggingConfigurable):
         already holds a file is refused (delete it first). Streams use the fixed chunk grid.
         """
         now = now or utcnow()
+        home = exid if isinstance(exid, Home) else Home(exid=exid)
         path = normalise_path(path)
-        targets, mirror, existing = self._check_upload(actor, exid, path, now)
+        targets, mirror, existing = self._check_upload(actor, home, path, now)
         if existing is not None:
-            raise ops.OperationError(f"{exid}/{path} is already stored; delete it first to store a new version")
-        return self._ingest(actor, exid, path, _block_chunks(blocks, self.chunk_size), None,
+            raise ops.OperationError(f"{home.label}/{path} is already stored; delete it first to store a new version")
+        return self._ingest(actor, home, path, _block_chunks(blocks, self.chunk_size), None,
                             targets, mirror, now, progress)
 
-    def ingest_file(self, actor: ops.Actor, exid: str, source: str | os.PathLike, path: str, *,
+    def ingest_file(self, actor: ops.Actor, exid: str | Home, source: str | os.PathLike, path: str, *,
                     now: datetime | None = None, align: bool = True,
                     progress: Callable[[int], None] | None = None) -> IngestResult:
         """Store the local file ``source`` as ``path`` of experiment ``exid``.
@@ -512,8 +559,9 @@ class ChunkStore(LoggingConfigurable):
         HDF5 sources are cut along their dataset chunks (``align``; see :mod:`.align`).
         """
         now = now or utcnow()
+        home = exid if isinstance(exid, Home) else Home(exid=exid)
         path = normalise_path(path)
-        display = f"{exid}/{path}"
+        display = f"{home.label}/{path}"
         try:
             # stat first: opening a FIFO or a device could block or never end
             if not stat.S_ISREG(os.stat(source).st_mode):
@@ -525,7 +573,7 @@ class ChunkStore(LoggingConfigurable):
             st = os.fstat(f.fileno())
             if not stat.S_ISREG(st.st_mode):
                 raise ops.OperationError(f"cannot read {source}: not a regular file")
-            targets, mirror, existing = self._check_upload(actor, exid, path, now)
+            targets, mirror, existing = self._check_upload(actor, home, path, now)
             if existing is not None:
                 if existing.size == st.st_size and existing.checksum == _sha256_of(f, source):
                     if progress:
@@ -539,7 +587,7 @@ class ChunkStore(LoggingConfigurable):
             starts = hdf5_chunk_starts(source, st.st_size, cs) if align else None
             plan = Layout(uuid_mod.uuid4().hex, cs, st.st_size, starts)
             try:
-                result = self._ingest(actor, exid, path, _file_chunks(f, plan), starts, targets,
+                result = self._ingest(actor, home, path, _file_chunks(f, plan), starts, targets,
                                       mirror, now, progress,
                                       check_source=lambda size: _unchanged(f, st, size, source))
             except _Changed:
@@ -548,12 +596,12 @@ class ChunkStore(LoggingConfigurable):
                 raise ops.OperationError(f"cannot read {source}: {e.strerror or e}") from None
         return result
 
-    def _ingest(self, actor: ops.Actor, exid: str, path: str,
+    def _ingest(self, actor: ops.Actor, home: Home, path: str,
                 chunks: Iterator[tuple[memoryview, bool]], starts: list[int] | None, targets: list[str],
                 mirror: Decision | None, now: datetime,
                 progress: Callable[[int], None] | None,
                 check_source: Callable[[int], None] | None = None) -> IngestResult:
-        display = f"{exid}/{path}"
+        display = f"{home.label}/{path}"
         file_id = uuid_mod.uuid4().hex
         data_key = new_data_key()
         cs = self.chunk_size
@@ -584,7 +632,7 @@ class ChunkStore(LoggingConfigurable):
         layout = Layout(file_id, cs, size, starts)
         assert layout.chunk_count == count, (layout.chunk_count, count)
         try:
-            info = self._commit_ingest(actor, exid, path, file_id, data_key, layout, checksum,
+            info = self._commit_ingest(actor, home, path, file_id, data_key, layout, checksum,
                                        replicas.published, mirror, now)
         except BaseException:
             replicas.unpublish()
@@ -593,15 +641,14 @@ class ChunkStore(LoggingConfigurable):
                       ", ".join(replicas.published))
         return IngestResult(info)
 
-    def _commit_ingest(self, actor: ops.Actor, exid: str, path: str, file_id: str,
+    def _commit_ingest(self, actor: ops.Actor, home: Home, path: str, file_id: str,
                        data_key: bytes, layout: Layout, checksum: str, locations: list[str],
                        mirror: Decision | None, now: datetime) -> StoredFileInfo:
-        target = f"file:{exid}/{path}"
+        target = home.target(path)
         factory = self._require_sessions()
         with factory.begin() as s:
-            e = ops.get_experiment(s, exid)
             # decided again at commit: a long upload must not outlive the right to make it
-            decision = self._decide_upload(s, actor, e, path, now)
+            where, decision, _, _, _ = self._home_upload(s, actor, home, path, now)
             if decision.allowed:
                 details = {
                     "uuid": file_id, "size": layout.size, "sha256": checksum,
@@ -615,14 +662,14 @@ class ChunkStore(LoggingConfigurable):
                 # every other change, so the path check below cannot race, and a key rotation's
                 # final pass sees this data key (see rotate_keys).
                 ops._record(s, actor, "file.upload", target, decision, now, details)
-                if self._live_file(s, e, path) is not None:
-                    raise ops.OperationError(f"{exid}/{path} was stored by someone else meanwhile")
+                if self._home_upload(s, actor, home, path, now)[2] is not None:
+                    raise ops.OperationError(f"{home.label}/{path} was stored by someone else meanwhile")
                 master_key_id, wrapped = self.key_provider.wrap(data_key, wrap_context(file_id))
                 dk = DataKey(wrapped_key=wrapped, master_key_id=master_key_id, created_at=now)
                 s.add(dk)
                 s.flush()
                 row = StoredFile(
-                    experiment_id=e.id, path=path, size=layout.size, checksum=checksum,
+                    **where, path=path, size=layout.size, checksum=checksum,
                     chunk_size=layout.chunk_size, chunk_count=layout.chunk_count,
                     chunk_map=encode_chunk_map(layout.starts) if layout.starts is not None else None,
                     data_key_id=dk.id, locations=list(locations), created_by_id=actor.user_id,
@@ -630,7 +677,7 @@ class ChunkStore(LoggingConfigurable):
                 )
                 s.add(row)
                 s.flush()
-                return self._info(row, exid)
+                return self._info(row, home.label)
         raise ops._refuse(factory, actor, "file.upload", target, decision, now)
 
     # ----------------------------------------------------------------------------------
@@ -666,8 +713,7 @@ class ChunkStore(LoggingConfigurable):
             row = s.get(StoredFile, file_id)
             if row is None:
                 raise ops.NotFound(f"no stored file with id {file_id}")
-            e = s.get(Experiment, row.experiment_id) if row.experiment_id else None
-            name = f"{e.exid if e else '~'}/{row.path}"
+            name = _row_name(s, row)
             if row.deleted_at is not None:
                 raise FileDeleted(name, row.deleted_at, row.deleted_reason)
             data_key = self._data_key(s, row, name)
@@ -687,8 +733,7 @@ class ChunkStore(LoggingConfigurable):
             row = s.get(StoredFile, file_id)
             if row is None or row.uuid is None:
                 raise ops.NotFound(f"no stored file with id {file_id}")
-            e = s.get(Experiment, row.experiment_id) if row.experiment_id else None
-            name = f"{e.exid if e else '~'}/{row.path}"
+            name = _row_name(s, row)
             if row.deleted_at is not None:
                 raise FileDeleted(name, row.deleted_at, row.deleted_reason)
             return ReadLease(
@@ -705,40 +750,52 @@ class ChunkStore(LoggingConfigurable):
                 raise ops.NotFound(f"no stored file with id {file_id}")
             return _layout(row)
 
-    def list_files(self, exid: str, *, include_deleted: bool = True) -> list[StoredFileInfo]:
+    def list_files(self, exid: str | Home, *, include_deleted: bool = True) -> list[StoredFileInfo]:
+        home = exid if isinstance(exid, Home) else Home(exid=exid)
         with self._require_sessions()() as s:
-            e = ops.get_experiment(s, exid)
-            q = select(StoredFile).where(StoredFile.experiment_id == e.id)
+            if home.exid is not None:
+                q = select(StoredFile).where(StoredFile.experiment_id == ops.get_experiment(s, home.exid).id)
+            else:
+                q = select(StoredFile).where(StoredFile.owner_id == ops.get_user(s, home.owner).id)
             if not include_deleted:
                 q = q.where(StoredFile.deleted_at.is_(None))
-            return [self._info(r, exid) for r in s.scalars(q.order_by(StoredFile.path, StoredFile.id))]
+            return [self._info(r, home.label) for r in s.scalars(q.order_by(StoredFile.path, StoredFile.id))]
 
     # ----------------------------------------------------------------------------------
     # delete = crypto-shred
     # ----------------------------------------------------------------------------------
-    def delete_file(self, actor: ops.Actor, exid: str, path: str, *, reason: str,
+    def delete_file(self, actor: ops.Actor, exid: str | Home, path: str, *, reason: str,
                     now: datetime | None = None) -> StoredFileInfo:
         """Permanently delete a file: destroy its data key (committed first: from then on no
         replica or backup can be decrypted), then remove its chunks from every location. The
         row stays as a stub with when and why; the audit events stay.
 
-        Only the experiment's PI may delete (an operator acts for the PI, as for roles).
+        Only the experiment's PI may delete (an operator acts for the PI, as for roles); in a
+        personal repository, only its owner.
         """
         now = now or utcnow()
+        home = exid if isinstance(exid, Home) else Home(exid=exid)
         reason = " ".join(reason.split())
         if not reason:
             raise ops.OperationError("a reason is required: it is shown to whoever tries to read the file")
         factory = self._require_sessions()
         with factory.begin() as s:
-            e = ops.get_experiment(s, exid)
             path = normalise_path(path)
-            row = self._live_file(s, e, path)
-            if row is None:
-                _, stub = self._get_file(s, exid, path)  # NotFound, or a stub: say when
-                raise FileDeleted(f"{exid}/{path}", stub.deleted_at, stub.deleted_reason)
-            target = f"file:{exid}/{path}"
-            acting = actor.user_id if actor.user_id is not None else e.pi_id
-            decision = p.decide(load_subject(s, acting, now), "delete", experiment_value(s, e), now)
+            target = home.target(path)
+            if home.exid is not None:
+                e = ops.get_experiment(s, home.exid)
+                row = self._live_file(s, e, path)
+                if row is None:
+                    _, stub = self._get_file(s, home.exid, path)  # NotFound, or a stub: say when
+                    raise FileDeleted(f"{home.exid}/{path}", stub.deleted_at, stub.deleted_reason)
+                acting = actor.user_id if actor.user_id is not None else e.pi_id
+                decision = p.decide(load_subject(s, acting, now), "delete", experiment_value(s, e), now)
+            else:
+                owner = ops.get_user(s, home.owner)
+                row = self._live_personal(s, owner.id, path)
+                if row is None:
+                    raise ops.NotFound(f"no file {path!r} in {home.label}")
+                decision = self._decide_personal(s, actor, owner.id, path, "delete", now)
             if decision.allowed:
                 dk = s.get(DataKey, row.data_key_id) if row.data_key_id else None
                 if dk is not None:
@@ -747,7 +804,7 @@ class ChunkStore(LoggingConfigurable):
                 row.deleted_at = now
                 row.deleted_reason = reason[:2000]
                 details = {"uuid": row.uuid, "reason": row.deleted_reason, "sha256": row.checksum}
-                if actor.user_id is None:
+                if actor.user_id is None and home.exid is not None:
                     details["on_behalf_of_pi"] = True
                 ops._record(s, actor, "file.delete", target, decision, now, details)
                 file_row_id = row.id
@@ -755,7 +812,7 @@ class ChunkStore(LoggingConfigurable):
             raise ops._refuse(factory, actor, "file.delete", target, decision, now)
         self._purge(file_row_id, now)
         with factory() as s:
-            return self._info(s.get(StoredFile, file_row_id), exid)
+            return self._info(s.get(StoredFile, file_row_id), home.label)
 
     def _purge(self, file_row_id: int, now: datetime) -> bool:
         """Remove a deleted file's objects from every configured location; True when gone."""
@@ -793,10 +850,13 @@ class ChunkStore(LoggingConfigurable):
         factory = self._require_sessions()
         report = ScrubReport()
         with factory() as s:
-            q = select(StoredFile.id, Experiment.exid).join(Experiment, Experiment.id == StoredFile.experiment_id)
+            q = (select(StoredFile.id, Experiment.exid, User.name)
+                 .outerjoin(Experiment, Experiment.id == StoredFile.experiment_id)
+                 .outerjoin(User, User.id == StoredFile.owner_id))
             if exid is not None:
                 q = q.where(Experiment.id == ops.get_experiment(s, exid).id)
-            rows = s.execute(q.order_by(StoredFile.id)).all()
+            rows = [(fid, e if e is not None else f"~{owner}")
+                    for fid, e, owner in s.execute(q.order_by(StoredFile.id)).all()]
         for file_row_id, file_exid in rows:
             try:
                 self._scrub_one(actor, file_row_id, file_exid, report, now)
@@ -1104,6 +1164,12 @@ class _ReplicaState:
         self.bad.append(index)
         if len(self.faults) < 100:  # one row per bad chunk, bounded
             self.faults.append(Fault(self.backend.name, index, kind, detail))
+
+
+def _row_name(s: Session, row: StoredFile) -> str:
+    if row.experiment_id is not None:
+        return f"{s.get(Experiment, row.experiment_id).exid}/{row.path}"
+    return f"~{s.get(User, row.owner_id).name}/{row.path}"
 
 
 def _layout(row: StoredFile) -> Layout:
