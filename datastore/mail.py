@@ -127,3 +127,45 @@ class LocalMailbox:
             if time.monotonic() > deadline:
                 raise TimeoutError("no such message arrived")
             time.sleep(0.05)
+
+
+def _print_message(msg: EmailMessage) -> None:
+    """The embedded default's console: who got what, and the links in it (confirmation links)."""
+    import re
+
+    body = msg.get_body(("plain",))
+    text = body.get_content() if body is not None else ""
+    links = re.findall(r"https?://\S+", text)
+    print(f"labvault mailbox: to {msg['To']}: {msg['Subject']}", flush=True)
+    for link in links:
+        print(f"labvault mailbox:   {link}", flush=True)
+
+
+def _mailbox_command():
+    """``labvault mailbox``: the embedded default's SMTP server (a Hub-managed service)."""
+    import signal
+    import threading
+
+    from .cli import LabvaultCommand
+
+    class MailboxCommand(LabvaultCommand):
+        name = "labvault-mailbox"
+        description = ("Run a local SMTP server on loopback that stores every message under "
+                       "<data-dir>/mail/ and prints confirmation links (the embedded default).")
+        port = Int(8025, help="Port of the local SMTP server.").tag(config=True)
+        ip = Unicode("127.0.0.1", help="Interface of the local SMTP server (keep it on loopback).").tag(config=True)
+        aliases = {**LabvaultCommand.aliases, "port": "MailboxCommand.port", "ip": "MailboxCommand.ip"}
+
+        def run(self):
+            stop = threading.Event()
+            signal.signal(signal.SIGTERM, lambda *_: stop.set())
+            signal.signal(signal.SIGINT, lambda *_: stop.set())
+            directory = Path(self.data_dir).resolve() / "mail"
+            with LocalMailbox(directory, host=self.ip, port=self.port, echo=_print_message):
+                print(f"labvault mailbox: smtp://{self.ip}:{self.port}, messages in {directory}", flush=True)
+                stop.wait()
+
+    return MailboxCommand
+
+
+MailboxCommand = _mailbox_command()
