@@ -794,6 +794,12 @@ from .personal import ROUTES as _PERSONAL_ROUTES  # noqa: E402
 
 ROUTES += _PERSONAL_ROUTES
 
+# what the notebook widgets need beyond the above (retention status, deleting an experiment,
+# verifying the audit chain) lives in its own module too
+from .widgets_api import ROUTES as _WIDGETS_ROUTES  # noqa: E402
+
+ROUTES += _WIDGETS_ROUTES
+
 
 def _pattern(template: str) -> str:
     """``{name}`` is one path segment; ``{name+}`` the rest of the path (a file's path)."""
