@@ -529,6 +529,8 @@ class LocalCredential(Base):
     email_token_hash: Mapped[str | None] = mapped_column(String(64), index=True)  # sha256 of the link's token
     email_token_expires_at: Mapped[datetime | None]
     adult_confirmed_at: Mapped[datetime | None]  # "I am 18 or older", ticked at sign-up
+    signup_ip: Mapped[str | None] = mapped_column(String(45))  # full (privacy statement), account only
+    totp_last_counter: Mapped[int | None] = mapped_column(BigInteger)  # a used code is never taken again
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime | None]
 

@@ -34,10 +34,13 @@ def policy_rules_md() -> str:
     return "\n".join(out)
 
 
-def _trait_rows(cls) -> list[str]:
+def _trait_rows(cls, own_only: bool = False) -> list[str]:
+    """``own_only``: just the traits labvault defines (not JupyterHub's / oauthenticator's)."""
     rows = []
     for name, trait in sorted(cls.class_traits(config=True).items()):
         if name.startswith(("log", "show_config")):  # inherited from traitlets' Application
+            continue
+        if own_only and not trait.this_class.__module__.startswith("labvault."):
             continue
         default = trait.default_value_repr()
         help_ = " ".join((trait.help or "").split())
@@ -66,6 +69,21 @@ def config_reference_md() -> str:
     ):
         out += [f"## {cls.__name__}", "", intro, "", "| option | default | meaning |", "|---|---|---|"]
         out += _trait_rows(cls)
+        out.append("")
+    from labvault.datastore.accounts import LocalAccounts
+    from labvault.hub.auth import LabvaultAuthenticator
+    from labvault.hub.oauth import LabvaultOAuthenticator
+
+    for cls, intro, own in (
+        (LocalAccounts, "Local accounts, in the datastore service's config "
+                        "([authentication.md](authentication.md)).", False),
+        (LabvaultAuthenticator, "The local-accounts authenticator (`labvault`), in jupyterhub_config.py; "
+                                "labvault's own options (JupyterHub's Authenticator options apply too).", True),
+        (LabvaultOAuthenticator, "The identity-provider authenticator (`labvault-oauth`); labvault's own "
+                                 "options (oauthenticator's GenericOAuthenticator options apply too).", True),
+    ):
+        out += [f"## {cls.__name__}", "", intro, "", "| option | default | meaning |", "|---|---|---|"]
+        out += _trait_rows(cls, own_only=own)
         out.append("")
     return "\n".join(out)
 

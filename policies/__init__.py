@@ -23,12 +23,14 @@ from .model import (
     PersonalItem,
     Project,
     ProjectAccessChange,
+    Registration,
     RequestRate,
     Result,
     ResultSet,
     RetentionChange,
     RoleChange,
     Share,
+    SignIn,
     Subject,
 )
 from .privacy import truncate_ip
@@ -38,6 +40,6 @@ __all__ = [
     "ACTIONS", "ANONYMOUS", "ROLES", "RULES", "SYSTEM", "Account", "Decision", "Department",
     "DepartmentAccessChange", "Environment", "Experiment", "File", "Grant", "NewExperiment",
     "NewResultSet", "Person", "PersonalItem", "Policy", "Project", "ProjectAccessChange",
-    "RequestRate", "Result", "ResultSet", "RetentionChange", "RoleChange", "Share", "Subject", "decide",
+    "Registration", "RequestRate", "Result", "ResultSet", "RetentionChange", "RoleChange", "Share", "SignIn", "Subject", "decide",
     "default_policy", "set_default_policy", "truncate_ip",
 ]

@@ -30,12 +30,14 @@ from .model import (
     PersonalItem,
     Project,
     ProjectAccessChange,
+    Registration,
     RequestRate,
     Result,
     ResultSet,
     RetentionChange,
     RoleChange,
     Share,
+    SignIn,
     Subject,
     role_rank,
 )
@@ -74,6 +76,8 @@ CLOSE = "close"
 DELETE_HISTORY = "delete_role_history"
 ERASE_METADATA = "erase_metadata"
 REQUEST = "request"
+REGISTER = "register"
+SIGN_IN = "sign_in"
 
 ACTIONS = frozenset(v for k, v in dict(globals()).items() if k.isupper() and isinstance(v, str))
 
@@ -146,6 +150,32 @@ class Policy(LoggingConfigurable):
 
     ipv6_prefix_bits = Integer(
         48, help="Leading bits of an IPv6 address kept in access logs (48 keeps the site prefix)."
+    ).tag(config=True)
+
+    totp_required_for_pis = Bool(
+        True,
+        help="""Local accounts of PIs (of an experiment, project or department) sign in with a
+        TOTP code as a second factor; one who has not enrolled yet is asked to at the next
+        sign-in. Anyone who enrolled voluntarily is asked for the code too. Identity-provider
+        sign-ins leave the second factor to the identity provider.""",
+    ).tag(config=True)
+
+    totp_required_for_admins = Bool(
+        False,
+        help="""Local accounts of labvault admins sign in with a TOTP code as a second factor
+        (as PIs do when totp_required_for_pis is set).""",
+    ).tag(config=True)
+
+    signin_lockout_attempts = Integer(
+        5,
+        help="""Failed sign-ins in a row (wrong password or wrong TOTP code) after which a local
+        account is locked for signin_lockout_minutes. 0 disables the lockout.""",
+    ).tag(config=True)
+
+    signin_lockout_minutes = Integer(
+        15,
+        help="""Minutes a local account stays locked after signin_lockout_attempts failed
+        sign-ins in a row. While locked, even the right password is refused.""",
     ).tag(config=True)
 
     results_need_every_project = Bool(
@@ -368,6 +398,9 @@ class Policy(LoggingConfigurable):
             "role history is kept for scientific integrity, also after account deletion",
         )
         h[RequestRate, REQUEST] = self._request_rate
+        # accounts: sign-up and sign-in
+        h[Registration, REGISTER] = self._register_account
+        h[SignIn, SIGN_IN] = self._sign_in
         # environments
         h[Environment, USE] = self._use_environment
         h[Environment, PUBLISH] = self._publish_environment
@@ -818,6 +851,73 @@ class Policy(LoggingConfigurable):
             return _deny("abuse.rate_limit", "too many requests: slow down (the request rate is "
                          "limited to prevent data harvesting)")
         return _allow("abuse.rate_limit", "within the request rate limit")
+
+    # ----------------------------------------------------------------------------------
+    # accounts: sign-up and sign-in
+    # ----------------------------------------------------------------------------------
+    def _register_account(self, s: Subject, r: Registration, now: datetime) -> Decision:
+        if not r.adult:
+            return _deny("account.adult", "labvault accounts are for people aged 18 or older: "
+                         "confirm that you are")
+        if r.institution_id is None:
+            return _deny("account.registration", "choose one of the registered institutions")
+        if not r.institution_verified:
+            return _deny("account.registration", f"{r.institution_name or 'that institution'} is "
+                         "not a verified institution yet")
+        if not r.email_at_institution:
+            return _deny("account.registration", "the e-mail address must be at one of the verified "
+                         f"domains of {r.institution_name or 'your institution'}: the link we send "
+                         "there proves that you belong to it")
+        return _allow("account.registration", "registered tentatively: the account becomes active "
+                      "when the link in the confirmation e-mail is opened")
+
+    _STATE_REASONS = {
+        "tentative": "your account is not confirmed yet: open the link in the e-mail we sent you",
+        "deactivated": "your account is deactivated; ask an administrator",
+        "closed": "your account is closed",
+    }
+
+    def _sign_in(self, s: Subject, a: SignIn, now: datetime) -> Decision:
+        if a.method not in ("password", "idp", "session") or s.user_id is None:
+            return _deny("default.deny", f"no rule allows signing in by {a.method!r}")
+        if a.method == "password":
+            # the lock is checked first, so a locked account tells nothing about the password
+            if a.locked_until is not None and now < a.locked_until:
+                return _deny("signin.lockout", "too many failed sign-ins: the account is locked "
+                             f"until {a.locked_until.strftime('%Y-%m-%d %H:%M')} UTC")
+            if not a.password_ok:
+                return _deny("signin.credentials", "wrong user name or password")
+        if a.method == "idp":
+            if not a.claim:
+                return _deny("signin.institution", "your identity provider did not state which "
+                             "institution you belong to (an e-mail address does not prove it)")
+            if a.claim_institution_id is None:
+                return _deny("signin.institution", f"{a.claim!r} is not a registered institution")
+            if not a.idp_allowed:
+                return _deny("signin.institution", f"the identity provider {a.idp!r} is not "
+                             f"registered for the institution {a.claim!r}")
+        if s.state != "active":
+            return _deny("account.state", self._STATE_REASONS.get(s.state, f"account is {s.state}"))
+        if s.institution_id is None or not s.institution_verified:
+            return _deny("signin.institution", "your account belongs to no verified institution")
+        if a.method == "idp":
+            if s.institution_id != a.claim_institution_id:
+                return _deny("signin.institution", "your identity provider names another "
+                             "institution than the one of your account; ask an administrator")
+            return _allow("signin.institution", f"a member of {a.claim}, as its identity provider states")
+        if a.method == "session":
+            return _allow("signin.institution", "account active, institution verified")
+        required = a.totp_enrolled or (a.is_pi and self.totp_required_for_pis) or (
+            s.is_admin and self.totp_required_for_admins)
+        if not required:
+            return _allow("signin.credentials", "password accepted")
+        if not a.totp_enrolled:
+            return _deny("signin.second_factor", "set up two-factor authentication (TOTP) to sign in")
+        if a.totp_ok is None:
+            return _deny("signin.second_factor", "enter the 6-digit code of your authenticator app")
+        if not a.totp_ok:
+            return _deny("signin.second_factor", "wrong or expired code from your authenticator app")
+        return _allow("signin.second_factor", "password and code accepted")
 
     # ----------------------------------------------------------------------------------
     # environments

@@ -229,6 +229,37 @@ class RequestRate:
 
 
 @dataclass(frozen=True, slots=True)
+class Registration:
+    """A self-registration (sign-up) of a local account, as the datastore service found it."""
+
+    institution_id: int | None = None  # the institution chosen (None: not a registered one)
+    institution_name: str = ""
+    institution_verified: bool = False
+    email_at_institution: bool = False  # the e-mail's domain is a verified domain of it
+    adult: bool = False  # "I am 18 or older" was confirmed
+
+
+@dataclass(frozen=True, slots=True)
+class SignIn:
+    """A sign-in attempt (or a session's re-check) as the datastore service measured it.
+
+    ``method``: ``password`` (a local account), ``idp`` (an identity provider's claims) or
+    ``session`` (the Hub re-checking a signed-in user). The subject is the account signing in.
+    """
+
+    method: str = "password"
+    password_ok: bool = False  # password: the password matched its hash
+    locked_until: datetime | None = None  # password: locked after repeated failures
+    totp_enrolled: bool = False
+    totp_ok: bool | None = None  # None: no code was given
+    is_pi: bool = False  # PI of an experiment, project or department
+    idp: str = ""  # idp: who vouches
+    claim: str | None = None  # idp: the institution claim's value (None: missing)
+    claim_institution_id: int | None = None  # idp: the institution the claim names
+    idp_allowed: bool = False  # idp: the IdP is registered for that institution
+
+
+@dataclass(frozen=True, slots=True)
 class Decision:
     """The answer to one question, always with the rule that gave it and a reason."""
 

@@ -103,6 +103,15 @@ _RULES = [
     Rule("account.state", PRIV,
          "Only confirmed (registered, active) users use the service; tentatively registered, "
          "deactivated and closed accounts have no access."),
+    Rule("account.registration", PRIV,
+         "Registering needs first and last name, a (verified) academic institution, an e-mail "
+         "address and a password; the account stays tentative until the link in the "
+         "confirmation e-mail is opened. For local accounts the e-mail must be at one of the "
+         "institution's verified domains: the opened link, never the typed address, proves "
+         "membership."),
+    Rule("account.adult", PRIV,
+         "We do not knowingly solicit personal data from children under 18 years of age: "
+         "registering needs the confirmation of being 18 or older."),
     Rule("pi.verified_institution", PRIV,
          "Each registered user that wants to be owner of an experiment (PI) must be associated "
          "with a scientific institution, verified using an institutional email address."),
@@ -149,6 +158,19 @@ _RULES = [
     Rule("experiment.create", LV,
          "Experiments are registered by admins and facility staff for a PI, or by a verified PI "
          "for themselves."),
+    Rule("signin.credentials", LV,
+         "A local account signs in with its password, which is stored only as an Argon2id hash."),
+    Rule("signin.lockout", LV,
+         "After repeated failed sign-ins (wrong passwords or codes) an account is locked for a "
+         "while."),
+    Rule("signin.second_factor", LV,
+         "Local accounts of PIs (and of anyone who enrolled) sign in with a second factor, a "
+         "TOTP code."),
+    Rule("signin.institution", LV,
+         "Users sign in as members of a verified institution. Membership is proven by the "
+         "claim of an identity provider registered for that institution, or by a confirmed "
+         "address at one of its verified e-mail domains; an e-mail string alone never proves "
+         "it (oauthenticator CVE-2022-31027)."),
     Rule("default.deny", LV, "Nothing is allowed unless a rule allows it."),
 ]
 

@@ -36,11 +36,13 @@ from labvault.policies import (
     Policy,
     Project,
     ProjectAccessChange,
+    Registration,
     Result,
     ResultSet,
     RetentionChange,
     RoleChange,
     Share,
+    SignIn,
     Subject,
     decide,
     truncate_ip,
@@ -74,6 +76,8 @@ DENY_ONLY = {
     "pi.verified_institution": "a verified PI is allowed by experiment.create",
     "privacy.role_history_kept": "role history can never be deleted",
     "default.deny": "nothing is allowed by default",
+    "account.adult": "a confirmed adult is registered by account.registration",
+    "signin.lockout": "an unlocked account is let in by the credential / second-factor rules",
 }
 
 SEEN: set[tuple[str, bool]] = set()
@@ -883,6 +887,86 @@ def test_proprietary_environments_are_never_public():
 
 
 # ------------------------------------------------------------------------------------------
+# accounts: sign-up and sign-in
+# ------------------------------------------------------------------------------------------
+def test_registration_needs_an_adult_a_verified_institution_and_its_domain():
+    ok = Registration(INST_A, "Uni A", institution_verified=True, email_at_institution=True, adult=True)
+    allow(ANONYMOUS, E.REGISTER, ok, "account.registration", mentions="tentatively")
+    deny(ANONYMOUS, E.REGISTER, replace(ok, adult=False), "account.adult", mentions="18")
+    deny(ANONYMOUS, E.REGISTER, replace(ok, institution_id=None), "account.registration")
+    deny(ANONYMOUS, E.REGISTER, replace(ok, institution_verified=False), "account.registration",
+         mentions="Uni A")
+    # a typed address outside the institution's verified domains proves nothing
+    deny(ANONYMOUS, E.REGISTER, replace(ok, email_at_institution=False), "account.registration",
+         mentions="domains")
+
+
+def test_password_sign_in_lockout_then_password_then_state():
+    ok = SignIn("password", password_ok=True)
+    allow(COLLEAGUE, E.SIGN_IN, ok, "signin.credentials")
+    deny(COLLEAGUE, E.SIGN_IN, replace(ok, password_ok=False), "signin.credentials",
+         mentions="wrong")
+    locked = replace(ok, locked_until=NOW + timedelta(minutes=5))
+    # locked: refused even with the right password, and before the password is looked at
+    deny(COLLEAGUE, E.SIGN_IN, locked, "signin.lockout", mentions="locked until")
+    deny(COLLEAGUE, E.SIGN_IN, replace(locked, password_ok=False), "signin.lockout")
+    allow(COLLEAGUE, E.SIGN_IN, replace(ok, locked_until=NOW - timedelta(seconds=1)),
+          "signin.credentials")
+    # a wrong password says nothing about the account's state
+    deny(replace(COLLEAGUE, state="closed"), E.SIGN_IN, replace(ok, password_ok=False),
+         "signin.credentials")
+    for state, says in (("tentative", "link"), ("deactivated", "deactivated"), ("closed", "closed")):
+        deny(replace(COLLEAGUE, state=state), E.SIGN_IN, ok, "account.state", mentions=says)
+    deny(replace(COLLEAGUE, institution_verified=False), E.SIGN_IN, ok, "signin.institution")
+    deny(replace(COLLEAGUE, institution_id=None), E.SIGN_IN, ok, "signin.institution")
+    deny(ANONYMOUS, E.SIGN_IN, ok, "default.deny")
+    deny(COLLEAGUE, E.SIGN_IN, replace(ok, method="telepathy"), "default.deny")
+
+
+def test_second_factor_for_pis_admins_and_the_enrolled():
+    pw = SignIn("password", password_ok=True, is_pi=True)
+    deny(PI, E.SIGN_IN, pw, "signin.second_factor", mentions="set up")
+    enrolled = replace(pw, totp_enrolled=True)
+    deny(PI, E.SIGN_IN, enrolled, "signin.second_factor", mentions="code")
+    deny(PI, E.SIGN_IN, replace(enrolled, totp_ok=False), "signin.second_factor", mentions="wrong")
+    allow(PI, E.SIGN_IN, replace(enrolled, totp_ok=True), "signin.second_factor")
+    # who enrolled voluntarily is asked for the code as well
+    deny(COLLEAGUE, E.SIGN_IN, SignIn("password", password_ok=True, totp_enrolled=True),
+         "signin.second_factor")
+    # the traits: PIs without, admins with a second factor
+    relaxed = Policy(config=Config({"Policy": {"totp_required_for_pis": False,
+                                               "totp_required_for_admins": True}}))
+    check(PI, E.SIGN_IN, pw, allowed=True, rule="signin.credentials", policy=relaxed)
+    check(ADMIN, E.SIGN_IN, SignIn("password", password_ok=True), allowed=False,
+          rule="signin.second_factor", policy=relaxed)
+    allow(ADMIN, E.SIGN_IN, SignIn("password", password_ok=True), "signin.credentials")
+    assert (Policy().signin_lockout_attempts, Policy().signin_lockout_minutes) == (5, 15)
+
+
+def test_identity_provider_sign_in_needs_the_claim_of_an_allowed_idp():
+    ok = SignIn("idp", idp="https://idp.uni-a.example", claim="uni-a.example",
+                claim_institution_id=INST_A, idp_allowed=True)
+    allow(COLLEAGUE, E.SIGN_IN, ok, "signin.institution", mentions="uni-a.example")
+    # CVE-2022-31027: without the claim nothing (e.g. a matching e-mail domain) proves membership
+    deny(COLLEAGUE, E.SIGN_IN, replace(ok, claim=None), "signin.institution", mentions="did not state")
+    deny(COLLEAGUE, E.SIGN_IN, replace(ok, claim_institution_id=None), "signin.institution")
+    deny(COLLEAGUE, E.SIGN_IN, replace(ok, idp_allowed=False), "signin.institution",
+         mentions="not registered")
+    deny(COLLEAGUE, E.SIGN_IN, replace(ok, claim_institution_id=INST_B), "signin.institution",
+         mentions="another institution")
+    deny(replace(COLLEAGUE, institution_verified=False), E.SIGN_IN, ok, "signin.institution")
+    deny(replace(COLLEAGUE, state="deactivated"), E.SIGN_IN, ok, "account.state")
+    # the identity provider's own second factor is its business: no TOTP here
+    allow(PI, E.SIGN_IN, replace(ok, is_pi=True), "signin.institution")
+
+
+def test_session_re_check_follows_state_and_institution():
+    allow(COLLEAGUE, E.SIGN_IN, SignIn("session"), "signin.institution")
+    deny(replace(COLLEAGUE, state="closed"), E.SIGN_IN, SignIn("session"), "account.state")
+    deny(replace(COLLEAGUE, institution_id=None), E.SIGN_IN, SignIn("session"), "signin.institution")
+
+
+# ------------------------------------------------------------------------------------------
 # default deny, actions, rule catalogue
 # ------------------------------------------------------------------------------------------
 def test_nothing_is_allowed_by_default():
@@ -899,7 +983,7 @@ def test_action_constants():
              "delete", "expire", "mirror", "agree_mirror", "create", "assign_owner",
              "read_activity_log", "read_audit_trail", "view_person", "view_email", "use",
              "service_use", "manage_access", "export", "correct", "close",
-             "delete_role_history", "erase_metadata", "request"}
+             "delete_role_history", "erase_metadata", "request", "register", "sign_in"}
     assert names == set(ACTIONS)
 
 

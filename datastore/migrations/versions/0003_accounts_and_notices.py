@@ -46,6 +46,8 @@ def upgrade() -> None:
     sa.Column('email_token_hash', sa.String(length=64), nullable=True),
     sa.Column('email_token_expires_at', labvault.datastore.models.UTCDateTime(), nullable=True),
     sa.Column('adult_confirmed_at', labvault.datastore.models.UTCDateTime(), nullable=True),
+    sa.Column('signup_ip', sa.String(length=45), nullable=True),
+    sa.Column('totp_last_counter', sa.BigInteger(), nullable=True),
     sa.Column('created_at', labvault.datastore.models.UTCDateTime(), nullable=False),
     sa.Column('updated_at', labvault.datastore.models.UTCDateTime(), nullable=True),
     sa.ForeignKeyConstraint(['user_id'], ['users.id'], name=op.f('fk_local_credentials_user_id_users'), ondelete='CASCADE'),
