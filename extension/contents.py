@@ -1,12 +1,14 @@
 """The contents manager of a labvault single-user server: the user's home, with the datastore's
 trees laid over it.
 
-``/experiments/<exID>/<path>`` shows the experiments the user may access *at that moment*: every
-listing and every read is a request the datastore service decides anew, so access that ends
-(facility day 30, a revoked role) ends at the next request, not at the next spawn. The tree is
-read-only, except that files may be uploaded where the user's role allows it (the service
-decides). Everything else — notebooks, the user's own files — is the stock
-``AsyncLargeFileManager`` on the home directory.
+``/experiments/<exID>/<path>`` shows the experiments the user may access *at that moment*,
+``/personal/<path>`` the user's personal repository and ``/shared-with-me/<owner>/<path>`` what
+others shared with them. Every listing and every read is a request the datastore service
+decides anew, so access that ends (facility staff 30 days after an experiment, a revoked role,
+a withdrawn share) ends at the next request, not at the next spawn. The trees are read-only,
+except that files may be uploaded where the service allows it (and deleted from /personal).
+Everything else — notebooks, the user's own files — is the stock ``AsyncLargeFileManager`` on
+the home directory.
 
 Paths are checked before anything is read or asked: ``..``/``.``/empty segments, NUL and
 control characters and backslashes are refused (400); home paths that resolve (through
