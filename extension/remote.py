@@ -113,11 +113,17 @@ class ServiceConnection(LoggingConfigurable):
     ).tag(config=True)
 
     direct_reads = Bool(
-        False,
         help="""Read file contents through the direct path (a leased data key, ciphertext from a
         read-only mount) when the service offers it. Off: the served path (HTTP Range requests,
-        decrypted by the service), which works in every deployment.""",
+        decrypted by the service), which works in every deployment.
+
+        Default: on when ``$LABVAULT_DIRECT_READ_ROOT`` is set (the labvault spawner sets it
+        when it mounts the ciphertext into the server), else off.""",
     ).tag(config=True)
+
+    @default("direct_reads")
+    def _default_direct_reads(self) -> bool:
+        return bool(os.environ.get("LABVAULT_DIRECT_READ_ROOT"))
 
     #: How many service operations this connection has started (tests and benchmarks read it).
     calls: int = 0

@@ -126,10 +126,15 @@ async def test_the_server_runs_with_the_shipped_config(jp_serverapp, jp_fetch, a
 
 
 def test_the_connection_reads_what_the_spawner_sets(monkeypatch):
+    monkeypatch.delenv("LABVAULT_DIRECT_READ_ROOT", raising=False)
     monkeypatch.setenv("LABVAULT_SERVICE_URL", "http://127.0.0.1:1/services/labvault/")
     monkeypatch.setenv("JUPYTERHUB_API_TOKEN", "s3cret-token")
     conn = ServiceConnection()
     assert conn.client.url == "http://127.0.0.1:1/services/labvault"
     assert conn.client.headers == {"Authorization": "token s3cret-token"}
-    assert conn.client.direct is False  # served reads unless direct_reads is set
+    assert conn.client.direct is False  # served reads unless the ciphertext is mounted
+    conn.close()
+    monkeypatch.setenv("LABVAULT_DIRECT_READ_ROOT", "/srv/labvault-ciphertext")
+    conn = ServiceConnection()
+    assert conn.direct_reads is True and conn.client.direct is None  # lease when offered
     conn.close()
