@@ -9,7 +9,7 @@
     labvault experiment add|list       experiments (``list --as USER``: what USER may see)
     labvault role grant|revoke|list    roles on experiments (decided by the policy)
     labvault licence add               licences an institution holds
-    labvault environment add|list      kernel environments and the licences they need
+    labvault environment add|list|sync kernel environments; sync: from the catalogue (kernels/)
     labvault audit verify|list         the hash-chained audit log
     labvault ingest EXID PATH...       store files encrypted on every storage location (resumable)
     labvault file list|delete          stored files; delete = crypto-shred (PI's decision)
@@ -683,11 +683,50 @@ class EnvironmentList(LabvaultCommand):
         print(_table(rows, header))
 
 
+class EnvironmentSync(LabvaultCommand):
+    name = "labvault-environment-sync"
+    description = ("Sync the environment catalogue (TOML manifests) into the database: "
+                   "labvault environment sync [--catalogue DIR] [--kernels-dir DIR] [--dry-run]")
+    catalogue = Unicode("", help="Directory of *.toml manifests (default: the catalogue shipped in labvault.kernels).").tag(config=True)
+    kernels_dir = Unicode("", help="Also install the manifests' kernelspecs (those with argv) into this Jupyter data directory.").tag(config=True)
+    dry_run = Bool(False, help="Show what would change; change nothing.").tag(config=True)
+    aliases = {**LabvaultCommand.aliases, "catalogue": "EnvironmentSync.catalogue",
+               "kernels-dir": "EnvironmentSync.kernels_dir"}
+    flags = {"dry-run": ({"EnvironmentSync": {"dry_run": True}}, dry_run.help)}
+
+    def run(self):
+        from labvault.kernels.catalogue import (
+            CatalogueError,
+            install_kernelspecs,
+            load_catalogue,
+            sync_catalogue,
+        )
+
+        try:
+            manifests = load_catalogue(self.catalogue or None)
+            report = sync_catalogue(self.factory, self.actor, manifests, dry_run=self.dry_run)
+        except CatalogueError as e:
+            raise CommandError(str(e)) from None
+        would = "would be " if self.dry_run else ""
+        for name in report.added:
+            print(f"labvault: environment {name!r} {would}added")
+        for name, fields in report.updated.items():
+            print(f"labvault: environment {name!r} {would}updated ({', '.join(fields)})")
+        for name in report.unchanged:
+            print(f"labvault: environment {name!r} unchanged")
+        for name in report.not_in_catalogue:
+            print(f"labvault: environment {name!r} is not in the catalogue (left as it is)")
+        if self.kernels_dir and not self.dry_run:
+            for path in install_kernelspecs(manifests, self.kernels_dir):
+                print(f"labvault: kernelspec {path}")
+
+
 class EnvironmentCommand(LabvaultCommand):
     name = "labvault-environment"
     description = "Kernel environments."
     subcommands = {"add": _sub(EnvironmentAdd, EnvironmentAdd.description),
-                   "list": _sub(EnvironmentList, EnvironmentList.description)}
+                   "list": _sub(EnvironmentList, EnvironmentList.description),
+                   "sync": _sub(EnvironmentSync, EnvironmentSync.description)}
 
 
 # ---------------------------------------------------------------------------------------

@@ -51,6 +51,8 @@ def _trait_rows(cls, own_only: bool = False) -> list[str]:
 def config_reference_md() -> str:
     from labvault.datastore.cli import LabvaultCommand
     from labvault.datastore.store import ChunkStore, FileKeyProvider
+    from labvault.hub.reconciler import ServerReconciler
+    from labvault.hub.spawner import LicensedEnvironmentMixin
     from labvault.policies import Policy
 
     out = [
@@ -66,6 +68,9 @@ def config_reference_md() -> str:
         (LabvaultCommand, "Options shared by every `labvault` command (the admin CLI)."),
         (ChunkStore, "The encrypted, replicated chunk store ([storage.md](storage.md))."),
         (FileKeyProvider, "Master keys in files, the embedded default ([storage.md](storage.md))."),
+        (LicensedEnvironmentMixin, "The licensed-environment spawners (`labvault-local`, `-docker`, `-kube`): "
+                                   "set as `c.LabvaultLocalSpawner.…` etc. ([environments.md](environments.md))."),
+        (ServerReconciler, "Stops servers whose permitted experiments shrank ([environments.md](environments.md))."),
     ):
         out += [f"## {cls.__name__}", "", intro, "", "| option | default | meaning |", "|---|---|---|"]
         out += _trait_rows(cls)

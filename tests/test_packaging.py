@@ -50,6 +50,7 @@ REQUIRED_FILES = [
     "labvault/kernels/__init__.py",
     "labvault/widgets/__init__.py",
     "labvault/datastore/migrations/env.py",
+    "labvault/kernels/environments/python-scientific.toml",  # the shipped environment catalogue
 ]
 
 IMPORTS = [
