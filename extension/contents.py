@@ -288,6 +288,12 @@ class LabvaultContentsManager(AsyncLargeFileManager):
 
     connection = Instance(ServiceConnection, help="The connection to the datastore service.")
 
+    @default("files_handler_class")
+    def _files_handler_class_default(self):
+        from .files import LabvaultFilesHandler
+
+        return LabvaultFilesHandler
+
     @default("connection")
     def _default_connection(self) -> ServiceConnection:
         return ServiceConnection(parent=self, log=self.log)

@@ -133,6 +133,22 @@ async def test_too_large_to_open_says_how_to_read_it(jp_fetch, extra_config):
     assert status == 413 and "Client" in body["message"] and body["reason"] == "labvault.size"
 
 
+async def test_download_through_files(jp_fetch, hub, jp_root_dir):
+    """/files/ (JupyterLab's Download, images in Markdown): datastore files stream from the service."""
+    r = await jp_fetch("files", "experiments", A, "scan", "frames.h5", params={"download": "1"})
+    assert r.body == hub.contents[f"{A}/scan/frames.h5"]
+    assert "attachment" in r.headers["Content-Disposition"]
+    assert r.headers["Content-Type"] in ("application/x-hdf5", "application/octet-stream")
+    r = await jp_fetch("files", "experiments", A, "README.txt")
+    assert r.body == hub.contents[f"{A}/README.txt"] and r.headers["Content-Type"].startswith("text/plain")
+    (jp_root_dir / "mine.txt").write_text("home file")
+    r = await jp_fetch("files", "mine.txt")
+    assert r.body == b"home file"  # the stock static handler
+    for parts in (("experiments", A, "scan"), ("experiments", A, "nope.txt"), ("experiments", "NO-SUCH", "x")):
+        r = await jp_fetch("files", *parts, raise_error=False)
+        assert r.code == 404, parts
+
+
 # --- home: notebooks save there -------------------------------------------------------------------
 async def test_save_and_rename_in_home(jp_fetch, jp_root_dir):
     status, model, _ = await api(jp_fetch, "", method="POST", body={"type": "notebook"})
@@ -249,6 +265,8 @@ async def test_facility_access_ends_mid_session(jp_fetch, hub):
     assert status == 404 and headers["X-Labvault-Rule"] == "facility.access_window"
     with pytest.raises(HTTPClientError):
         await jp_fetch("api", "contents", "experiments", A, "scan", "frames.h5")
+    r = await jp_fetch("files", "experiments", A, "README.txt", raise_error=False)
+    assert r.code == 404 and hub.contents[f"{A}/README.txt"] not in r.body
 
 
 # --- the service unavailable or not configured: the home still works ------------------------------
