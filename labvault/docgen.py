@@ -90,7 +90,33 @@ def config_reference_md() -> str:
         out += [f"## {cls.__name__}", "", intro, "", "| option | default | meaning |", "|---|---|---|"]
         out += _trait_rows(cls, own_only=own)
         out.append("")
+    out += _extension_sections()
     return "\n".join(out)
+
+
+def _extension_sections() -> list[str]:
+    """The single-user server extension's options (set in the image's jupyter_server_config.py)."""
+    from labvault.extension.app import LabvaultExtension
+    from labvault.extension.contents import LabvaultContentsManager
+    from labvault.extension.kernelspecs import LicensedKernelSpecManager
+    from labvault.extension.remote import ServiceConnection
+
+    out = []
+    for cls, intro, own in (
+        (LabvaultExtension, "The single-user server extension ([extension.md](extension.md)); labvault's "
+                            "own options.", True),
+        (LabvaultContentsManager, "The user server's contents manager: `/experiments`, `/personal`, "
+                                  "`/shared-with-me` over the home ([extension.md](extension.md)); labvault's "
+                                  "own options (the stock AsyncLargeFileManager's apply too).", True),
+        (ServiceConnection, "The user server's connection to the datastore service "
+                            "([extension.md](extension.md)).", False),
+        (LicensedKernelSpecManager, "Only licensed kernels ([extension.md](extension.md)); labvault's own "
+                                    "options.", True),
+    ):
+        out += [f"## {cls.__name__}", "", intro, "", "| option | default | meaning |", "|---|---|---|"]
+        out += _trait_rows(cls, own_only=own)
+        out.append("")
+    return out
 
 
 PAGES = {"policy-rules.md": policy_rules_md, "config-reference.md": config_reference_md}
