@@ -4,6 +4,7 @@
     labvault db upgrade|current        schema migrations (Alembic)
     labvault institution add|list      institutions, their verified domains / IdPs, vendor flag
     labvault user add|list|state       accounts
+    labvault user export|correct|request-deletion|close NAME   data-subject rights
     labvault department add|member     departments (also virtual) and memberships
     labvault project add|link          projects and their experiments
     labvault experiment add|list       experiments (``list --as USER``: what USER may see)
@@ -15,6 +16,7 @@
     labvault file list|delete          stored files; delete = crypto-shred (PI's decision)
     labvault scrub [EXID]              verify every chunk on every replica and repair
     labvault keys rotate|list          master keys: re-wrap every data key under a new one
+    labvault lifecycle run             retention expiry, notices, account states (--dry-run)
     labvault demo                      seed the demo world (idempotent) and print it
 
 Bad input prints one line on stderr and exits 2 (refusals by the policy exit 3); every change
@@ -395,11 +397,89 @@ class UserState(LabvaultCommand):
         print(f"labvault: {self.extra_args[0]} is now {self.extra_args[1]}")
 
 
+class UserExport(LabvaultCommand):
+    name = "labvault-user-export"
+    description = "Everything labvault holds about a user, as JSON (right of access): labvault user export NAME"
+    nargs, usage = (1, 1), "NAME"
+
+    def run(self):
+        import json
+
+        from .rights import export
+
+        print(json.dumps(export(self.factory, self.actor, self.extra_args[0]), indent=2, ensure_ascii=False))
+
+
+class UserCorrect(LabvaultCommand):
+    name = "labvault-user-correct"
+    description = ("Correct a user's personal data: labvault user correct NAME [--display-name N] [--email E] "
+                   "[--orcid O] [--phone P] [--email-visible|--email-hidden] [--under-18]")
+    nargs, usage = (1, 1), "NAME"
+    display_name = Unicode(None, allow_none=True, help="First and last name.").tag(config=True)
+    email = Unicode(None, allow_none=True, help="Personal e-mail (takes effect at once).").tag(config=True)
+    orcid = Unicode(None, allow_none=True, help="ORCID iD (empty: remove it).").tag(config=True)
+    phone = Unicode(None, allow_none=True, help="Phone number, international form (empty: remove it).").tag(config=True)
+    email_visible = Bool(None, allow_none=True, help="Show the e-mail to other users.").tag(config=True)
+    under_18 = Bool(False, help="Flag the account as someone's under 18: the lifecycle job deactivates it "
+                    "and removes its personal data.").tag(config=True)
+    aliases = {**LabvaultCommand.aliases, "display-name": "UserCorrect.display_name", "email": "UserCorrect.email",
+               "orcid": "UserCorrect.orcid", "phone": "UserCorrect.phone"}
+    flags = {"email-visible": ({"UserCorrect": {"email_visible": True}}, "Show the e-mail to other users."),
+             "email-hidden": ({"UserCorrect": {"email_visible": False}}, "Hide the e-mail from other users."),
+             "under-18": ({"UserCorrect": {"under_18": True}}, under_18.help)}
+
+    def run(self):
+        from .rights import correct_account
+
+        changes = {k: getattr(self, k) for k in ("display_name", "email", "orcid", "phone", "email_visible")
+                   if getattr(self, k) is not None}
+        if self.under_18:
+            changes["under_18"] = True
+        correct_account(self.factory, self.actor, self.extra_args[0], changes)
+        print(f"labvault: {self.extra_args[0]} corrected: {', '.join(sorted(changes))}")
+
+
+class UserRequestDeletion(LabvaultCommand):
+    name = "labvault-user-request-deletion"
+    description = ("Delete a user's personal data now and close the account, at their request "
+                   "(role history, audit and experiment metadata are exempt): labvault user request-deletion NAME --yes")
+    nargs, usage = (1, 1), "NAME"
+    yes = Bool(False, help="Confirm: this cannot be undone.").tag(config=True)
+    flags = {"yes": ({"UserRequestDeletion": {"yes": True}}, yes.help)}
+
+    def run(self):
+        from .rights import request_deletion
+
+        if not self.yes:
+            raise CommandError("deleting personal data cannot be undone: add --yes")
+        result = request_deletion(self.factory, self.actor, self.extra_args[0], store=self.chunk_store())
+        print(f"labvault: {self.extra_args[0]}: account closed; removed: {', '.join(result['erased']) or 'nothing'}; "
+              f"{result['personal_files_deleted']} personal file(s) crypto-shredded")
+        for item in result["kept"]:
+            print(f"labvault: kept: {item['what']} ({item['rule']})")
+
+
+class UserClose(LabvaultCommand):
+    name = "labvault-user-close"
+    description = "Close an account (roles end at once; personal data is anonymised a year later): labvault user close NAME"
+    nargs, usage = (1, 1), "NAME"
+
+    def run(self):
+        from .rights import close_account
+
+        close_account(self.factory, self.actor, self.extra_args[0])
+        print(f"labvault: {self.extra_args[0]}'s account is closed; its active roles ended")
+
+
 class UserCommand(LabvaultCommand):
     name = "labvault-user"
     description = "User accounts."
     subcommands = {"add": _sub(UserAdd, UserAdd.description), "list": _sub(UserList, UserList.description),
-                   "state": _sub(UserState, UserState.description)}
+                   "state": _sub(UserState, UserState.description),
+                   "export": _sub(UserExport, UserExport.description),
+                   "correct": _sub(UserCorrect, UserCorrect.description),
+                   "request-deletion": _sub(UserRequestDeletion, UserRequestDeletion.description),
+                   "close": _sub(UserClose, UserClose.description)}
 
 
 # ---------------------------------------------------------------------------------------
@@ -901,6 +981,44 @@ class KeysCommand(LabvaultCommand):
                    "list": _sub(KeysList, KeysList.description)}
 
 
+class LifecycleRun(LabvaultCommand):
+    name = "labvault-lifecycle-run"
+    description = ("Run the lifecycle job once (retention expiry, notices, account states): "
+                   "labvault lifecycle run [--now ISO-TIME] [--dry-run]; exits 1 if something failed (e.g. mail)")
+    now = Unicode("", help="Run as if it were this time (ISO); default: now.").tag(config=True)
+    dry_run = Bool(False, help="List what would happen, with the rule behind each action; change nothing.").tag(config=True)
+    aliases = {**LabvaultCommand.aliases, "now": "LifecycleRun.now"}
+    flags = {"dry-run": ({"LifecycleRun": {"dry_run": True}}, dry_run.help)}
+
+    def run(self):
+        from .lifecycle import LifecycleBusy, LifecycleJob
+        from .mail import Mailer
+
+        now = parse_time(self.now, "--now") if self.now else datetime.now(timezone.utc)
+        job = LifecycleJob(self.factory, store=self.chunk_store(), mailer=Mailer(parent=self), parent=self)
+        try:
+            report = job.run(now, dry_run=self.dry_run)
+        except LifecycleBusy as e:
+            print(f"labvault: {e}; nothing done", file=sys.stderr)
+            sys.exit(1)
+        actions = report.planned if self.dry_run else report.done
+        head = "would" if self.dry_run else "did"
+        print(f"labvault: lifecycle at {now:%Y-%m-%d %H:%M:%S} UTC{' (dry run: nothing changed)' if self.dry_run else ''}")
+        for action in actions:
+            print(f"  {action.line()}")
+        print(f"labvault: {head} {len(actions)} action(s)" + (f", {len(report.errors)} failed" if report.errors else ""))
+        for line in report.errors:
+            print(f"labvault: error: {line}", file=sys.stderr)
+        if report.errors:
+            sys.exit(1)
+
+
+class LifecycleCommand(LabvaultCommand):
+    name = "labvault-lifecycle"
+    description = "The lifecycle job (docs/lifecycle.md)."
+    subcommands = {"run": _sub(LifecycleRun, LifecycleRun.description)}
+
+
 class DemoCommand(LabvaultCommand):
     name = "labvault-demo"
     description = "Seed the demo world (idempotent) and print what each demo user may see."
@@ -938,6 +1056,7 @@ class LabvaultApp(LabvaultCommand):
         "file": _sub(FileCommand, FileCommand.description),
         "scrub": _sub(ScrubCommand, ScrubCommand.description),
         "keys": _sub(KeysCommand, KeysCommand.description),
+        "lifecycle": _sub(LifecycleCommand, LifecycleCommand.description),
         "demo": _sub(DemoCommand, DemoCommand.description),
         "service": ("labvault.datastore.service.app.DatastoreService",
                     "Run the datastore service (JupyterHub starts it as the 'labvault' service)."),

@@ -50,6 +50,8 @@ def _trait_rows(cls, own_only: bool = False) -> list[str]:
 
 def config_reference_md() -> str:
     from labvault.datastore.cli import LabvaultCommand
+    from labvault.datastore.lifecycle import LifecycleJob
+    from labvault.datastore.mail import Mailer
     from labvault.datastore.store import ChunkStore, FileKeyProvider
     from labvault.hub.reconciler import ServerReconciler
     from labvault.hub.spawner import LicensedEnvironmentMixin
@@ -71,6 +73,8 @@ def config_reference_md() -> str:
         (LicensedEnvironmentMixin, "The licensed-environment spawners (`labvault-local`, `-docker`, `-kube`): "
                                    "set as `c.LabvaultLocalSpawner.…` etc. ([environments.md](environments.md))."),
         (ServerReconciler, "Stops servers whose permitted experiments shrank ([environments.md](environments.md))."),
+        (LifecycleJob, "The lifecycle job: retention expiry, notices, account states ([lifecycle.md](lifecycle.md))."),
+        (Mailer, "Mail through SMTP: notices and confirmation links ([lifecycle.md](lifecycle.md))."),
     ):
         out += [f"## {cls.__name__}", "", intro, "", "| option | default | meaning |", "|---|---|---|"]
         out += _trait_rows(cls)

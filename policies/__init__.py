@@ -10,11 +10,13 @@ from .model import (
     ROLES,
     SYSTEM,
     Account,
+    AccountRecord,
     Decision,
     Department,
     DepartmentAccessChange,
     Environment,
     Experiment,
+    ExpiryNotice,
     File,
     Grant,
     NewExperiment,
@@ -37,8 +39,8 @@ from .privacy import truncate_ip
 from .rules import RULES
 
 __all__ = [
-    "ACTIONS", "ANONYMOUS", "ROLES", "RULES", "SYSTEM", "Account", "Decision", "Department",
-    "DepartmentAccessChange", "Environment", "Experiment", "File", "Grant", "NewExperiment",
+    "ACTIONS", "ANONYMOUS", "ROLES", "RULES", "SYSTEM", "Account", "AccountRecord", "Decision", "Department",
+    "DepartmentAccessChange", "Environment", "Experiment", "ExpiryNotice", "File", "Grant", "NewExperiment",
     "NewResultSet", "Person", "PersonalItem", "Policy", "Project", "ProjectAccessChange",
     "Registration", "RequestRate", "Result", "ResultSet", "RetentionChange", "RoleChange", "Share", "SignIn", "Subject", "decide",
     "default_policy", "set_default_policy", "truncate_ip",

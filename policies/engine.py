@@ -18,11 +18,13 @@ from .model import (
     NESTED_ROLES,
     ROLES,
     Account,
+    AccountRecord,
     Decision,
     Department,
     DepartmentAccessChange,
     Environment,
     Experiment,
+    ExpiryNotice,
     File,
     NewExperiment,
     NewResultSet,
@@ -76,6 +78,10 @@ CLOSE = "close"
 DELETE_HISTORY = "delete_role_history"
 ERASE_METADATA = "erase_metadata"
 REQUEST = "request"
+NOTIFY = "notify"
+ERASE_PERSONAL = "erase_personal_data"
+REMOVE_ROLES = "remove_roles"
+DEACTIVATE = "deactivate"
 REGISTER = "register"
 SIGN_IN = "sign_in"
 
@@ -133,15 +139,27 @@ class Policy(LoggingConfigurable):
 
     closed_account_days = Integer(
         365,
-        help="""Days after closing an account when its personal data is anonymised.
+        help="""Days after closing (or deactivating) an account when its personal data is anonymised.
 
-        Roles are removed at once; role history and audit events are kept.""",
+        Roles of a closed account are removed at once; role history and audit events are kept.
+        The privacy statement: personal data from closed or inactive accounts is deleted or
+        anonymised one year after the account is closed or deactivated.""",
     ).tag(config=True)
 
     retention_notice_days = List(
         Integer(),
         [30, 7],
-        help="Days before retention expiry at which the PI is notified (once each).",
+        help="""Days before retention expiry at which the PI is notified (once each).
+
+        The lifecycle job sends the notice of the smallest window it is in, so a run that
+        starts 5 days before the expiry sends the 7-day notice only, not both.""",
+    ).tag(config=True)
+
+    facility_notice_days = List(
+        Integer(),
+        [7],
+        help="""Days before their access to an experiment ends at which facility staff are told
+        by e-mail (once each; the smallest window the lifecycle job is in). Empty: no notices.""",
     ).tag(config=True)
 
     ipv4_masked_bytes = Integer(
@@ -228,6 +246,34 @@ class Policy(LoggingConfigurable):
             and experiment.retain_until is not None
             and now >= experiment.retain_until
         )
+
+    @staticmethod
+    def _due(days: list[int], when: datetime | None, now: datetime) -> int | None:
+        """The smallest of ``days`` whose window before ``when`` contains ``now``."""
+        if when is None or now >= when:
+            return None
+        inside = [d for d in days if d > 0 and now >= when - timedelta(days=d)]
+        return min(inside) if inside else None
+
+    def retention_notice_due(self, experiment: Experiment, now: datetime) -> int | None:
+        """Which retention notice (days before expiry) is due at ``now``, if any."""
+        if experiment.deleted_at is not None:
+            return None
+        return self._due(self.retention_notice_days, experiment.retain_until, now)
+
+    def facility_notice_due(self, experiment: Experiment, now: datetime) -> int | None:
+        """Which facility access notice (days before the access ends) is due at ``now``."""
+        if experiment.deleted_at is not None:
+            return None
+        return self._due(self.facility_notice_days, self.facility_access_ends(experiment), now)
+
+    def tentative_cutoff(self, now: datetime) -> datetime:
+        """Unconfirmed accounts created at or before this instant lose their personal data."""
+        return now - timedelta(days=self.tentative_account_days)
+
+    def closed_cutoff(self, now: datetime) -> datetime:
+        """Accounts closed (or deactivated) at or before this instant are anonymised."""
+        return now - timedelta(days=self.closed_account_days)
 
     # ----------------------------------------------------------------------------------
     # experiments
@@ -398,6 +444,11 @@ class Policy(LoggingConfigurable):
             "role history is kept for scientific integrity, also after account deletion",
         )
         h[RequestRate, REQUEST] = self._request_rate
+        # the lifecycle: notices, account states
+        h[ExpiryNotice, NOTIFY] = self._notify
+        h[AccountRecord, ERASE_PERSONAL] = self._erase_personal
+        h[AccountRecord, REMOVE_ROLES] = self._remove_roles
+        h[AccountRecord, DEACTIVATE] = self._deactivate
         # accounts: sign-up and sign-in
         h[Registration, REGISTER] = self._register_account
         h[SignIn, SIGN_IN] = self._sign_in
@@ -440,6 +491,14 @@ class Policy(LoggingConfigurable):
         if not self.retention_expired(e, now):
             until = _day(e.retain_until) if e.retain_until else "no expiry date (not archived)"
             return _deny("retention.expiry_deletes", f"{e.exid} is retained until {until}")
+        if e.archived_at is not None and now < self.minimum_retain_until(e.archived_at):
+            # a retain_until below the minimum (an old configuration, a hand-edited row) never
+            # shortens the minimum storage period of archived data
+            return _deny(
+                "retention.default_minimum",
+                f"{e.exid} was archived on {_day(e.archived_at)}: archived data is kept at least "
+                f"{self.retention_minimum_days} days, until {_day(self.minimum_retain_until(e.archived_at))}",
+            )
         return _allow(
             "retention.expiry_deletes",
             f"retention of {e.exid} expired on {_day(e.retain_until)} and was not extended",
@@ -918,6 +977,96 @@ class Policy(LoggingConfigurable):
         if not a.totp_ok:
             return _deny("signin.second_factor", "wrong or expired code from your authenticator app")
         return _allow("signin.second_factor", "password and code accepted")
+
+    # ----------------------------------------------------------------------------------
+    # the lifecycle: notices before dates that matter, account states
+    # ----------------------------------------------------------------------------------
+    def _notify(self, s: Subject, n: ExpiryNotice, now: datetime) -> Decision:
+        e = n.experiment
+        rule = "retention.expiry_notice" if n.kind == "retention" else "facility.access_notice"
+        if n.kind not in ("retention", "facility_access"):
+            return _deny("default.deny", f"no rule sends {n.kind!r} notices")
+        if not s.is_system:
+            return _deny(rule, "notices are sent by the lifecycle job")
+        if e.deleted_at is not None:
+            return _deny("retention.deleted", f"{e.exid} was permanently deleted")
+        if n.kind == "retention":
+            when, due = e.retain_until, self.retention_notice_due(e, now)
+            if when is None:
+                return _deny(rule, f"{e.exid} has no retention date (not archived): nothing expires")
+            what = f"the storage period of {e.exid} ends on {_day(when)}"
+        else:
+            when, due = self.facility_access_ends(e), self.facility_notice_due(e, now)
+            if when is None:
+                return _deny(rule, f"{e.exid} has not ended: facility staff access does not end yet")
+            what = f"facility staff access to {e.exid} ends on {_day(when)}"
+        if now >= when:
+            return _deny(rule, f"too late to announce: {what.replace('ends', 'ended')}")
+        if due != n.days:
+            if due is None:
+                return _deny(rule, f"{what}: no notice is due before {_day(when - timedelta(days=n.days))}")
+            return _deny(rule, f"{what}: the {due}-day notice is due, not the {n.days}-day one")
+        return _allow(rule, f"{what}, in {n.days} days or less")
+
+    def _erase_personal(self, s: Subject, a: AccountRecord, now: datetime) -> Decision:
+        if not s.is_system:  # a data-subject request (or an admin carrying one out)
+            if s.user_id is not None and s.user_id == a.user_id:
+                return _allow("privacy.data_subject_rights", "you asked to delete your personal data")
+            if s.is_admin and s.state == "active":
+                return _allow("admin.access_rights", "an admin carries out a deletion request")
+            return _deny("user.own_data", "only the account's owner (or an admin for them) asks to "
+                         "delete its personal data")
+        if a.under_18:
+            rule = "privacy.minors"
+        elif a.state == "tentative":
+            rule = "privacy.tentative_expiry"
+        else:
+            rule = "privacy.closed_anonymised"
+        if a.anonymised_at is not None:
+            return _deny(rule, f"personal data was removed on {_day(a.anonymised_at)} already")
+        if a.under_18:
+            return _allow(rule, "the account belongs to someone under 18: its personal data is removed")
+        if a.state == "tentative":
+            if a.created_at is None:
+                return _deny(rule, "the account has no creation time")
+            due = self.tentative_cutoff(now)
+            if a.created_at > due:
+                return _deny(rule, f"unconfirmed since {_day(a.created_at)}: its personal data is deleted "
+                             f"on {_day(a.created_at + timedelta(days=self.tentative_account_days))} unless it is confirmed")
+            return _allow(rule, f"unconfirmed since {_day(a.created_at)}: personal data is deleted "
+                          f"after {self.tentative_account_days} days")
+        since = a.closed_at if a.state == "closed" else a.deactivated_at if a.state == "deactivated" else None
+        if since is None:
+            return _deny(rule, f"the account is {a.state}: its personal data is kept while it is in use")
+        due = self.closed_cutoff(now)
+        if since > due:
+            return _deny(rule, f"{a.state} on {_day(since)}: personal data is kept until "
+                         f"{_day(since + timedelta(days=self.closed_account_days))}, then anonymised")
+        return _allow(rule, f"{a.state} on {_day(since)}: personal data is anonymised after "
+                      f"{self.closed_account_days} days; role history and audit events are kept")
+
+    def _remove_roles(self, s: Subject, a: AccountRecord, now: datetime) -> Decision:
+        if not s.is_system:
+            return _deny("default.deny", "roles are removed by their managers, or by the lifecycle job")
+        if a.under_18:
+            if a.active_roles == 0:
+                return _deny("privacy.minors", "the account holds no active roles")
+            return _allow("privacy.minors", "the account of someone under 18 is deactivated: its roles end")
+        if a.state != "closed":
+            return _deny("privacy.closed_roles_removed", f"the account is {a.state}, not closed: its roles stay")
+        if a.active_roles == 0:
+            return _deny("privacy.closed_roles_removed", "the closed account holds no active roles")
+        return _allow("privacy.closed_roles_removed",
+                      "a closed account's active roles are removed at once; their history is kept")
+
+    def _deactivate(self, s: Subject, a: AccountRecord, now: datetime) -> Decision:
+        if not s.is_system:
+            return _deny("default.deny", "accounts are deactivated by admins, or by the lifecycle job")
+        if not a.under_18:
+            return _deny("privacy.minors", "the account is not flagged as belonging to someone under 18")
+        if a.state in ("deactivated", "closed"):
+            return _deny("privacy.minors", f"the account is {a.state} already")
+        return _allow("privacy.minors", "the account belongs to someone under 18: it is deactivated")
 
     # ----------------------------------------------------------------------------------
     # environments

@@ -221,6 +221,32 @@ class Account:
 
 
 @dataclass(frozen=True, slots=True)
+class AccountRecord:
+    """An account as the lifecycle job and the data-subject rights see it: its state, the times
+    that start its clocks, and whether its personal data was already removed."""
+
+    user_id: int
+    state: str = "active"
+    under_18: bool = False
+    created_at: datetime | None = None
+    closed_at: datetime | None = None
+    deactivated_at: datetime | None = None
+    anonymised_at: datetime | None = None
+    active_roles: int = 0  # role grants neither revoked nor expired
+
+
+@dataclass(frozen=True, slots=True)
+class ExpiryNotice:
+    """A notice the lifecycle job may send ``days`` before a date of ``experiment``:
+    ``kind`` ``retention`` (its storage period ends; to the PI) or ``facility_access`` (facility
+    staff access ends; to each facility staff member)."""
+
+    experiment: Experiment
+    kind: str
+    days: int
+
+
+@dataclass(frozen=True, slots=True)
 class RequestRate:
     """A user's request rate, as measured by the service's token bucket."""
 

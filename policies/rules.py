@@ -137,6 +137,19 @@ _RULES = [
     Rule("privacy.role_history_kept", PRIV,
          "Even if your account has been deleted we will retain any role transaction and activity "
          "logs of past roles you held."),
+    Rule("privacy.tentative_expiry", PRIV,
+         "If you do not activate your account, any personal data you provided during "
+         "registration will be deleted after 12 months."),
+    Rule("privacy.closed_roles_removed", PRIV,
+         "If you decide to delete your account, we will remove your active role within the "
+         "experiment (the record of past roles is kept)."),
+    Rule("privacy.closed_anonymised", PRIV,
+         "Personal data from closed or inactive accounts will be deleted or anonymized one year "
+         "after the account is closed or deactivated."),
+    Rule("privacy.minors", PRIV,
+         "If we learn that personal information from users less than 18 years of age has been "
+         "collected, we will deactivate the account and take reasonable measures to promptly "
+         "delete such data."),
     Rule("privacy.metadata_exempt", PRIV,
          "Descriptive metadata of experiments is exempt from the right to be removed unless "
          "incorrect."),
@@ -149,6 +162,12 @@ _RULES = [
     Rule("public.open_experiment", PRIV,
          "Experimental data will be made publicly accessible upon request of the legal owner."),
     # --- labvault's own --------------------------------------------------------------
+    Rule("retention.expiry_notice", LV,
+         "The PI is told by e-mail before the storage period of their data expires (by default "
+         "30 and 7 days before, once each), so that it can be extended in time."),
+    Rule("facility.access_notice", LV,
+         "Facility staff are told by e-mail before their access to an experiment ends (by default "
+         "7 days before)."),
     Rule("role.grant", LV,
          "An active, unexpired role grant on the experiment opens it at that role's level."),
     Rule("role.manage", LV,

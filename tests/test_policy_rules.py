@@ -22,11 +22,13 @@ from labvault.policies import (
     RULES,
     SYSTEM,
     Account,
+    AccountRecord,
     Decision,
     Department,
     DepartmentAccessChange,
     Environment,
     Experiment,
+    ExpiryNotice,
     File,
     Grant,
     NewExperiment,
@@ -527,6 +529,107 @@ def test_deleted_data_cannot_be_read_or_changed():
     allow(PI, E.READ, DELETED, "proprietary.pi_owner", later)
 
 
+def test_expiry_never_cuts_the_minimum_storage_period_short():
+    # a retain_until below archive time + 1 year (hand-edited, or an old configuration)
+    short = replace(ARCHIVED, retain_until=ARCHIVED_AT + timedelta(days=100))
+    deny(SYSTEM, E.EXPIRE, short, "retention.default_minimum", ARCHIVED_AT + timedelta(days=200),
+         mentions="2027-04-01")
+    allow(SYSTEM, E.EXPIRE, short, "retention.expiry_deletes", ARCHIVED_AT + timedelta(days=365))
+
+
+# ------------------------------------------------------------------------------------------
+# the lifecycle job: notices, and accounts that are tentative, closed or of minors
+# ------------------------------------------------------------------------------------------
+EXPIRES = ARCHIVED.retain_until  # 2027-04-01
+
+
+def test_retention_notices_30_and_7_days_before_expiry():
+    n30, n7 = ExpiryNotice(ARCHIVED, "retention", 30), ExpiryNotice(ARCHIVED, "retention", 7)
+    before = EXPIRES - timedelta(days=30, seconds=1)
+    deny(SYSTEM, E.NOTIFY, n30, "retention.expiry_notice", before, mentions="no notice is due before 2027-03-02")
+    allow(SYSTEM, E.NOTIFY, n30, "retention.expiry_notice", EXPIRES - timedelta(days=30), mentions="2027-04-01")
+    deny(SYSTEM, E.NOTIFY, n7, "retention.expiry_notice", EXPIRES - timedelta(days=8))
+    allow(SYSTEM, E.NOTIFY, n7, "retention.expiry_notice", EXPIRES - timedelta(days=7))
+    # inside the 7-day window the 30-day notice is no longer the one due
+    deny(SYSTEM, E.NOTIFY, n30, "retention.expiry_notice", EXPIRES - timedelta(days=2), mentions="7-day")
+    deny(SYSTEM, E.NOTIFY, n7, "retention.expiry_notice", EXPIRES, mentions="too late")
+    deny(SYSTEM, E.NOTIFY, ExpiryNotice(PROP, "retention", 30), "retention.expiry_notice", mentions="not archived")
+    deny(SYSTEM, E.NOTIFY, ExpiryNotice(DELETED, "retention", 7), "retention.deleted", EXPIRES - timedelta(days=3))
+    deny(PI, E.NOTIFY, n7, "retention.expiry_notice", EXPIRES - timedelta(days=3), mentions="lifecycle job")
+    deny(SYSTEM, E.NOTIFY, ExpiryNotice(ARCHIVED, "gossip", 7), "default.deny")
+    policy = Policy()
+    assert policy.retention_notice_due(ARCHIVED, EXPIRES - timedelta(days=31)) is None
+    assert policy.retention_notice_due(ARCHIVED, EXPIRES - timedelta(days=12)) == 30
+    assert policy.retention_notice_due(ARCHIVED, EXPIRES - timedelta(seconds=1)) == 7
+    assert policy.retention_notice_due(ARCHIVED, EXPIRES) is None
+
+
+def test_facility_staff_are_told_before_their_access_ends():
+    ends = END + timedelta(days=30)
+    n7 = ExpiryNotice(PROP, "facility_access", 7)
+    deny(SYSTEM, E.NOTIFY, n7, "facility.access_notice", ends - timedelta(days=7, seconds=1))
+    allow(SYSTEM, E.NOTIFY, n7, "facility.access_notice", ends - timedelta(days=7), mentions="2026-03-31")
+    deny(SYSTEM, E.NOTIFY, n7, "facility.access_notice", ends, mentions="too late")
+    deny(SYSTEM, E.NOTIFY, ExpiryNotice(replace(PROP, end_at=None), "facility_access", 7),
+         "facility.access_notice", mentions="has not ended")
+    custom = Policy(config=Config({"Policy": {"facility_notice_days": [3]}}))
+    check(SYSTEM, E.NOTIFY, n7, ends - timedelta(days=5), allowed=False, rule="facility.access_notice",
+          policy=custom)
+    check(SYSTEM, E.NOTIFY, ExpiryNotice(PROP, "facility_access", 3), ends - timedelta(days=2),
+          allowed=True, rule="facility.access_notice", policy=custom)
+
+
+def account(**kw) -> AccountRecord:
+    return AccountRecord(**{"user_id": COLLEAGUE_ID, "state": "active", "created_at": NOW - timedelta(days=400),
+                            **kw})
+
+
+def test_unconfirmed_accounts_lose_their_personal_data_after_12_months():
+    created = NOW - timedelta(days=100)
+    tentative = account(state="tentative", created_at=created)
+    deny(SYSTEM, E.ERASE_PERSONAL, tentative, "privacy.tentative_expiry", created + timedelta(days=365, seconds=-1),
+         mentions="unless it is confirmed")
+    allow(SYSTEM, E.ERASE_PERSONAL, tentative, "privacy.tentative_expiry", created + timedelta(days=365))
+    deny(SYSTEM, E.ERASE_PERSONAL, replace(tentative, anonymised_at=NOW), "privacy.tentative_expiry",
+         created + timedelta(days=400), mentions="already")
+
+
+def test_closed_and_deactivated_accounts_are_anonymised_after_a_year():
+    closed = account(state="closed", closed_at=NOW)
+    deny(SYSTEM, E.ERASE_PERSONAL, closed, "privacy.closed_anonymised", NOW + timedelta(days=364),
+         mentions="kept until 2027-03-15")
+    allow(SYSTEM, E.ERASE_PERSONAL, closed, "privacy.closed_anonymised", NOW + timedelta(days=365),
+          mentions="role history")
+    deactivated = account(state="deactivated", deactivated_at=NOW)
+    deny(SYSTEM, E.ERASE_PERSONAL, deactivated, "privacy.closed_anonymised", NOW + timedelta(days=10))
+    allow(SYSTEM, E.ERASE_PERSONAL, deactivated, "privacy.closed_anonymised", NOW + timedelta(days=366))
+    deny(SYSTEM, E.ERASE_PERSONAL, account(), "privacy.closed_anonymised", mentions="in use")
+    # the data subject asks (or an admin carries the request out); nobody else may
+    allow(COLLEAGUE, E.ERASE_PERSONAL, account(), "privacy.data_subject_rights")
+    allow(ADMIN, E.ERASE_PERSONAL, account(), "admin.access_rights")
+    deny(PI, E.ERASE_PERSONAL, account(), "user.own_data")
+
+
+def test_a_closed_account_loses_its_active_roles_at_once():
+    allow(SYSTEM, E.REMOVE_ROLES, account(state="closed", closed_at=NOW, active_roles=2),
+          "privacy.closed_roles_removed", mentions="history is kept")
+    deny(SYSTEM, E.REMOVE_ROLES, account(state="closed", closed_at=NOW), "privacy.closed_roles_removed")
+    deny(SYSTEM, E.REMOVE_ROLES, account(active_roles=2), "privacy.closed_roles_removed", mentions="not closed")
+    deny(ADMIN, E.REMOVE_ROLES, account(state="closed", active_roles=2), "default.deny")
+
+
+def test_accounts_of_minors_are_deactivated_and_their_data_removed():
+    minor = account(under_18=True, active_roles=1)
+    allow(SYSTEM, E.DEACTIVATE, minor, "privacy.minors")
+    allow(SYSTEM, E.REMOVE_ROLES, minor, "privacy.minors")
+    allow(SYSTEM, E.ERASE_PERSONAL, minor, "privacy.minors")
+    deny(SYSTEM, E.DEACTIVATE, replace(minor, state="deactivated"), "privacy.minors", mentions="already")
+    deny(SYSTEM, E.REMOVE_ROLES, replace(minor, active_roles=0), "privacy.minors")
+    deny(SYSTEM, E.ERASE_PERSONAL, replace(minor, anonymised_at=NOW), "privacy.minors")
+    deny(SYSTEM, E.DEACTIVATE, account(), "privacy.minors", mentions="not flagged")
+    deny(ADMIN, E.DEACTIVATE, minor, "default.deny")
+
+
 # ------------------------------------------------------------------------------------------
 # mirrors and the service's own use of data
 # ------------------------------------------------------------------------------------------
@@ -984,6 +1087,7 @@ def test_action_constants():
              "read_activity_log", "read_audit_trail", "view_person", "view_email", "use",
              "service_use", "manage_access", "export", "correct", "close",
              "delete_role_history", "erase_metadata", "request", "register", "sign_in"}
+    names |= {"notify", "erase_personal_data", "remove_roles", "deactivate"}  # the lifecycle job's
     assert names == set(ACTIONS)
 
 

@@ -128,6 +128,25 @@ class DatastoreService(LabvaultCommand):
     def _default_hub_secret(self):
         return os.environ.get("LABVAULT_HUB_SECRET", "")
 
+    lifecycle_interval = Int(
+        3600,
+        help="""Seconds between runs of the lifecycle job inside the service: retention expiry
+        (crypto-shredding), notices to PIs and facility staff, and the account rules (tentative,
+        closed, deactivated, under 18). See docs/lifecycle.md.
+
+        Each run is one `labvault lifecycle run` at the service's clock, in a worker thread so
+        requests are not held up; a run that is still busy when the next is due is not doubled,
+        and a cron job running `labvault lifecycle run` at the same time waits its turn (the runs
+        share a lock in the database). 0 disables the service's runs: then run the command from
+        cron (at least daily, or notices come late).""",
+    ).tag(config=True)
+
+    expose_decisions = Bool(
+        False,
+        help="""FOR TESTS ONLY: name every (rule, allowed) decided while answering a request in
+        the X-Labvault-Decisions header, so tests prove each rule is reached through HTTP.""",
+    ).tag(config=True)
+
     trust_xheaders = Bool(
         True,
         help="Take the client address from X-Forwarded-For (set by JupyterHub's proxy).",
@@ -194,6 +213,40 @@ class DatastoreService(LabvaultCommand):
         self._read_windows[key] = now + self.lease_seconds
         return True
 
+    def start_lifecycle(self) -> ioloop.PeriodicCallback | None:
+        """Run the lifecycle job every ``lifecycle_interval`` seconds (0: never)."""
+        if self.lifecycle_interval <= 0:
+            return None
+        from labvault.datastore.lifecycle import LifecycleJob
+        from labvault.datastore.mail import Mailer
+
+        self._lifecycle_job = LifecycleJob(self.sessions, store=self.store, mailer=Mailer(parent=self),
+                                           policy=self.policy, parent=self)
+        self._lifecycle_future = None
+        timer = ioloop.PeriodicCallback(self._lifecycle_tick, self.lifecycle_interval * 1000, jitter=0.05)
+        timer.start()
+        return timer
+
+    def _lifecycle_tick(self) -> None:
+        if self._lifecycle_future is not None and not self._lifecycle_future.done():
+            return  # the last run is still going
+        loop = ioloop.IOLoop.current()
+        self._lifecycle_future = loop.run_in_executor(None, self._lifecycle_run)
+
+    def _lifecycle_run(self) -> None:
+        from labvault.datastore.lifecycle import LifecycleBusy
+
+        try:
+            report = self._lifecycle_job.run(self.now())
+        except LifecycleBusy as e:
+            self.log.info("lifecycle: %s; skipped", e)
+            return
+        except Exception:  # the next tick tries again; the service goes on serving
+            self.log.exception("lifecycle: the run failed")
+            return
+        for line in report.errors:
+            self.log.warning("lifecycle: %s", line)
+
     def log_request(self, handler: web.RequestHandler) -> None:
         """Access log without full IPs, query strings (tokens!) or bodies."""
         status = handler.get_status()
@@ -212,6 +265,7 @@ class DatastoreService(LabvaultCommand):
         server = httpserver.HTTPServer(app, xheaders=self.trust_xheaders, max_body_size=self.max_body_size)
         server.listen(self.port, self.ip)
         self.log.info("labvault datastore service on http://%s:%d%s", self.ip, self.port, self.base_url)
+        lifecycle = self.start_lifecycle()
         loop = ioloop.IOLoop.current()
 
         def stop(signum, _frame):
@@ -221,6 +275,8 @@ class DatastoreService(LabvaultCommand):
         signal.signal(signal.SIGTERM, stop)
         signal.signal(signal.SIGINT, stop)
         loop.start()
+        if lifecycle is not None:
+            lifecycle.stop()
         server.stop()
         self.engine.dispose()
 

@@ -240,6 +240,11 @@ class MeHandler(BaseAPIHandler):
             user = s.get(User, self.lv_user.id)
             self.write_json(views.me(user))
 
+    def patch(self):  # right to rectification
+        from .privacy import correct_me
+
+        correct_me(self)
+
 
 class MeExportHandler(BaseAPIHandler):
     def get(self):
@@ -799,6 +804,11 @@ ROUTES += _PERSONAL_ROUTES
 from .widgets_api import ROUTES as _WIDGETS_ROUTES  # noqa: E402
 
 ROUTES += _WIDGETS_ROUTES
+
+# data-subject rights beyond /me, /me/export and /me/close (deletion requests)
+from .privacy import ROUTES as _PRIVACY_ROUTES  # noqa: E402
+
+ROUTES += _PRIVACY_ROUTES
 
 
 def _pattern(template: str) -> str:

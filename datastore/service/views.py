@@ -156,16 +156,8 @@ def me(user: User) -> dict:
 
 
 def export_personal_data(s: Session, user_id: int) -> dict:
-    """Everything labvault holds about one person (right of access), as JSON."""
-    user = s.get(User, user_id)
-    grants = s.scalars(select(RoleGrant).where(RoleGrant.user_id == user_id).order_by(RoleGrant.granted_at)).all()
-    exids = dict(s.execute(select(Experiment.id, Experiment.exid)).all()) if grants else {}
-    events = s.scalars(select(AuditEvent).where(AuditEvent.actor == user.name).order_by(AuditEvent.seq)).all()
-    return {
-        "profile": {**me(user), "phone": user.phone, "last_login_ip": user.last_login_ip,
-                    "confirmed_at": user.confirmed_at, "closed_at": user.closed_at},
-        "roles": [{"experiment": exids.get(g.experiment_id), "project_id": g.project_id, "role": g.role.value,
-                   "granted_at": g.granted_at, "expires_at": g.expires_at, "revoked_at": g.revoked_at} for g in grants],
-        "experiments_as_pi": list(s.scalars(select(Experiment.exid).where(Experiment.pi_id == user_id))),
-        "activity": [event(e) for e in events],
-    }
+    """Everything labvault holds about one person (right of access), as JSON: see
+    :func:`labvault.datastore.rights.export_personal_data` (the admin CLI's export too)."""
+    from labvault.datastore.rights import export_personal_data as export_all
+
+    return export_all(s, user_id)
