@@ -37,6 +37,9 @@ $(VENV)/bin/python:
 $(STAMP): pyproject.toml | $(VENV)/bin/python
 	$(VENV)/bin/python -m pip install --disable-pip-version-check --upgrade $(BUILD_REQUIREMENTS)
 	$(VENV)/bin/python -m pip install --disable-pip-version-check -e '.[test]'
+	@# an editable install skips pyproject's data-files: enable the server extension by hand
+	mkdir -p $(VENV)/etc/jupyter/jupyter_server_config.d
+	cp extension/jupyter-config/jupyter_server_config.d/labvault.json $(VENV)/etc/jupyter/jupyter_server_config.d/
 	touch $@
 
 # configurable-http-proxy from npm: JupyterHub's proxy (the PyPI re-implementation buffers
@@ -47,10 +50,19 @@ $(NODE_STAMP): package.json package-lock.json
 	npm ci --no-audit --no-fund
 	touch $@
 
+# The embedded default: data directory, environment catalogue, demo world, then JupyterHub
+# (which starts the datastore service and the local mailbox). Ctrl-C stops everything.
+PORT ?= 8000
 run: $(STAMP) $(NODE_STAMP)
 	$(VENV)/bin/labvault init --data-dir $(DATA_DIR)
 	$(VENV)/bin/labvault demo --data-dir $(DATA_DIR)
-	@echo "make run: the JupyterHub is not wired up yet; for now 'run' initialises $(DATA_DIR)/ and seeds the demo world printed above."
+	$(VENV)/bin/labvault environment sync --data-dir $(DATA_DIR)
+	@echo
+	@echo "labvault: JupyterHub at http://127.0.0.1:$(PORT)/ -- sign in as alice (PI), bob, carol, frank (facility staff),"
+	@echo "labvault: vera (vendor) or admin with the demo password above; mail (confirmation links) is printed here."
+	@echo
+	LABVAULT_DATA_DIR=$(abspath $(DATA_DIR)) LABVAULT_PORT=$(PORT) PATH="$(abspath $(VENV))/bin:$$PATH" \
+		$(VENV)/bin/jupyterhub -f jupyterhub_config/jupyterhub_config.py
 
 # Two pytest invocations: jupyter_server's fixtures (pytest-jupyter) and the Hub tests cannot
 # share a process. The second runs tests/extension; exit status 5 (PYTEST_ARGS selected none of

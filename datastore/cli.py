@@ -1024,11 +1024,13 @@ class DemoCommand(LabvaultCommand):
     description = "Seed the demo world (idempotent) and print what each demo user may see."
 
     def run(self):
-        from .demo import print_world, seed, seed_data
+        from .demo import DEMO_PASSWORD, print_world, seed, seed_data, seed_passwords
 
         engine = make_engine(self.db_url)
         upgrade(engine)
         created = seed(self.factory, self.actor)
+        if seed_passwords(self.factory):
+            print(f"labvault: demo users sign in with the password {DEMO_PASSWORD!r} (local accounts)")
         store = self.chunk_store()
         store.prepare_locations()
         stored = seed_data(self.factory, store)
@@ -1058,6 +1060,8 @@ class LabvaultApp(LabvaultCommand):
         "keys": _sub(KeysCommand, KeysCommand.description),
         "lifecycle": _sub(LifecycleCommand, LifecycleCommand.description),
         "demo": _sub(DemoCommand, DemoCommand.description),
+        "mailbox": ("labvault.datastore.mail.MailboxCommand",
+                    "Run the embedded default's local SMTP server (stores mail, prints links)."),
         "service": ("labvault.datastore.service.app.DatastoreService",
                     "Run the datastore service (JupyterHub starts it as the 'labvault' service)."),
     }

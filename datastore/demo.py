@@ -96,6 +96,26 @@ def seed_data(factory, store, frames: int = 24) -> list[str]:
     return stored
 
 
+#: The demo users' password (the embedded default on loopback only; change it for anything else).
+DEMO_PASSWORD = "labvault-demo"
+
+
+def seed_passwords(factory, password: str = DEMO_PASSWORD, now: datetime | None = None) -> list[str]:
+    """Give the demo users local-account passwords where they have none yet."""
+    from .accounts import Accounts
+    from .models import LocalCredential
+
+    now = now or datetime.now(timezone.utc)
+    accounts, done = Accounts(factory), []
+    with factory() as s:
+        names = [u.name for u in s.scalars(select(User).order_by(User.name))
+                 if u.name in {n for n, *_ in USERS} and s.get(LocalCredential, u.id) is None]
+    for name in names:
+        accounts.set_password(name, password, now)
+        done.append(name)
+    return done
+
+
 def _uid(factory, name: str) -> int:
     with factory() as s:
         return ops.get_user(s, name).id

@@ -18,6 +18,17 @@ from .handlers import ENDPOINTS
 from .kernelspecs import LicensedKernelSpecManager
 
 
+def log_request_masked(handler) -> None:
+    """jupyter_server's request log line, with the client address truncated (privacy statement:
+    access logs keep no full IP addresses; 192.168.x.x, IPv6 /48)."""
+    from jupyter_server.log import log_request
+
+    from labvault.policies import truncate_ip
+
+    handler.request.remote_ip = truncate_ip(handler.request.remote_ip)  # the request is finished
+    log_request(handler, record_prometheus_metrics=handler.settings.get("record_prometheus_metrics", True))
+
+
 class LabvaultExtension(ExtensionApp):
     """labvault in the single-user server."""
 
@@ -67,6 +78,8 @@ class LabvaultExtension(ExtensionApp):
 
     def initialize_settings(self) -> None:
         serverapp = self.serverapp
+        # the server's access log, with client addresses truncated like the Hub's and the service's
+        self.settings["log_function"] = log_request_masked  # merged into the web app after this
         cm = serverapp.contents_manager
         if not isinstance(cm, LabvaultContentsManager):
             self.log.warning("labvault: the contents manager is %s, not LabvaultContentsManager: "

@@ -28,6 +28,20 @@ from pathlib import Path
 
 SERVICE_NAME = "labvault"
 
+#: Written once to <data>/labvault_config.py (the service's and the CLI's config); edit it freely.
+DEFAULT_SERVICE_CONFIG = """\
+# labvault configuration of the embedded default (written by the first `make run`; yours to edit).
+# Every option: docs/config-reference.md.
+c = get_config()  # noqa
+
+# mail goes to the local mailbox (labvault mailbox, a Hub-managed service): see <data>/mail/
+c.Mailer.smtp_port = {smtp_port}
+
+# The demo world's PI (alice) would have to set up a TOTP app at her first sign-in. For the
+# local demo that is off; delete this line to require two-factor sign-in for PIs (the default).
+c.Policy.totp_required_for_pis = False
+"""
+
 
 def secret_file(path: Path, nbytes: int = 32) -> str:
     """The hex secret in ``path``, created (0600, atomically) on first use."""
@@ -51,7 +65,8 @@ def find_proxy(repo: Path | None = None) -> str | None:
 
 
 def configure(c, data_dir: str | os.PathLike, *, ip: str = "127.0.0.1", port: int = 8000,
-              service_port: int = 8890, smtp_port: int = 8025, repo: str | os.PathLike | None = None,
+              hub_port: int = 8081, proxy_api_port: int = 8001, service_port: int = 8890,
+              smtp_port: int = 8025, repo: str | os.PathLike | None = None,
               python: str | None = None) -> None:
     """Apply the embedded default to JupyterHub's config object ``c``."""
     data = Path(data_dir).resolve()
@@ -61,6 +76,9 @@ def configure(c, data_dir: str | os.PathLike, *, ip: str = "127.0.0.1", port: in
     hub_dir.mkdir(exist_ok=True)
     python = python or sys.executable
 
+    service_config = data / "labvault_config.py"
+    if not service_config.exists():
+        service_config.write_text(DEFAULT_SERVICE_CONFIG.format(smtp_port=smtp_port))
     hub_secret = secret_file(data / "hub_secret")
     # auth_state (institution, vendor flag) is encrypted with this key; JupyterHub reads the env
     os.environ.setdefault("JUPYTERHUB_CRYPT_KEY", secret_file(data / "crypt_key"))
@@ -72,6 +90,8 @@ def configure(c, data_dir: str | os.PathLike, *, ip: str = "127.0.0.1", port: in
     c.JupyterHub.ip = ip
     c.JupyterHub.port = port
     c.JupyterHub.hub_ip = "127.0.0.1"
+    c.JupyterHub.hub_port = hub_port
+    c.ConfigurableHTTPProxy.api_url = f"http://127.0.0.1:{proxy_api_port}"
     c.JupyterHub.db_url = f"sqlite:///{hub_dir / 'jupyterhub.sqlite'}"
     c.JupyterHub.cookie_secret_file = str(hub_dir / "jupyterhub_cookie_secret")
     c.JupyterHub.pid_file = str(hub_dir / "jupyterhub.pid")
@@ -82,6 +102,12 @@ def configure(c, data_dir: str | os.PathLike, *, ip: str = "127.0.0.1", port: in
 
     c.JupyterHub.authenticator_class = "labvault"
     c.JupyterHub.spawner_class = "labvault-local"
+    # One machine, one OS user: every server runs as the Hub's user in its own directory. NO
+    # isolation between users' kernels (docs/operators.md says how production isolates them).
+    c.LabvaultLocalSpawner.run_as_hub_user = True
+    c.LabvaultLocalSpawner.home_root = str(data / "homes")
+    c.Spawner.default_url = "/lab"
+    c.Spawner.start_timeout = 60
     c.Authenticator.enable_auth_state = True
     c.Authenticator.admin_users = {"admin"}
     c.JupyterHub.log_datefmt = "%Y-%m-%d %H:%M:%S"
@@ -109,9 +135,7 @@ def configure(c, data_dir: str | os.PathLike, *, ip: str = "127.0.0.1", port: in
         {"name": "server", "scopes": ["users:activity!user", "access:servers!user",
                                       f"access:services!service={SERVICE_NAME}"]},
     ]
-    try:  # JupyterHub's request log, with truncated client IPs (privacy statement)
-        from .logging import log_request
-    except ImportError:
-        log_request = None
-    if log_request is not None:
-        c.JupyterHub.tornado_settings = {**dict(c.JupyterHub.tornado_settings or {}), "log_function": log_request}
+    # JupyterHub's request log, with truncated client IPs (privacy statement)
+    from .logs import log_request
+
+    c.JupyterHub.tornado_settings.update({"log_function": log_request})

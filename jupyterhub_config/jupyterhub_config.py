@@ -13,9 +13,12 @@ if "get_config" in globals():  # run by JupyterHub's config loader (not when imp
     from labvault.hub.embedded import configure
 
     c = get_config()  # noqa: F821 - provided by JupyterHub's config loader
-    configure(
-        c,
-        os.environ.get("LABVAULT_DATA_DIR", "var"),
-        port=int(os.environ.get("LABVAULT_PORT", "8000")),
-        repo=Path(__file__).resolve().parent.parent,
-    )
+    ports = {  # LABVAULT_PORT=8000 is where people sign in; the others are internal (loopback)
+        name: int(os.environ[var])
+        for name, var in (("port", "LABVAULT_PORT"), ("hub_port", "LABVAULT_HUB_PORT"),
+                          ("proxy_api_port", "LABVAULT_PROXY_API_PORT"),
+                          ("service_port", "LABVAULT_SERVICE_PORT"), ("smtp_port", "LABVAULT_SMTP_PORT"))
+        if os.environ.get(var)
+    }
+    configure(c, os.environ.get("LABVAULT_DATA_DIR", "var"), repo=Path(__file__).resolve().parent.parent,
+              **ports)

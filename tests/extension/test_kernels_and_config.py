@@ -138,3 +138,16 @@ def test_the_connection_reads_what_the_spawner_sets(monkeypatch):
     conn = ServiceConnection()
     assert conn.direct_reads is True and conn.client.direct is None  # lease when offered
     conn.close()
+
+
+async def test_the_server_access_log_has_no_full_ip(jp_serverapp, jp_fetch, allowed, caplog):
+    """The single-user server logs requests like the Hub and the service: 127.0.x.x, not 127.0.0.1."""
+    import logging
+
+    from labvault.extension.app import log_request_masked
+
+    assert jp_serverapp.web_app.settings["log_function"] is log_request_masked
+    with caplog.at_level(logging.DEBUG):
+        await jp_fetch("api", "contents", "nope-does-not-exist", raise_error=False)
+    lines = [r.getMessage() for r in caplog.records if "nope-does-not-exist" in r.getMessage()]
+    assert lines and all("127.0.x.x" in line and "127.0.0.1" not in line for line in lines), lines
