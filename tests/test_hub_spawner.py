@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -35,6 +36,12 @@ from labvault.datastore.models import AuditEvent, Notice, StoredFile, User
 from labvault.datastore.store import ChunkStore
 from labvault.hub.reconciler import Verdict, compare
 from labvault.hub.spawner import _options_from_form, render_options_form
+from labvault.kernels.catalogue import (
+    DEFAULT_CATALOGUE,
+    install_kernelspecs,
+    load_catalogue,
+    sync_catalogue,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 NOW = datetime.now(timezone.utc).replace(microsecond=0)
@@ -158,6 +165,16 @@ def hub(request, tmp_path_factory, mailbox):
     engine = make_engine(url)
     factory = session_factory(engine)
     demo.seed(factory, ops.Actor(operator="test"), now=NOW)
+    # the catalogue: the shipped environments plus one whose kernelspec is installed for servers
+    catalogue = workdir / "catalogue"
+    shutil.copytree(DEFAULT_CATALOGUE, catalogue)
+    (catalogue / "xrd-lab.toml").write_text(
+        'name = "xrd-lab"\ndisplay_name = "XRD lab"\n\n[kernelspec]\nname = "xrd-py"\n'
+        'display_name = "XRD (Python)"\nlanguage = "python"\n'
+        'argv = ["python", "-m", "ipykernel_launcher", "-f", "{connection_file}"]\n')
+    manifests = load_catalogue(catalogue)
+    sync_catalogue(factory, ops.Actor(operator="test"), manifests, now=NOW)
+    install_kernelspecs(manifests, workdir / "share")
     data = workdir / "data"
     data.mkdir()
     (data / "labvault_config.py").write_text(
@@ -182,6 +199,7 @@ c.Spawner.default_url = "/lab"
 c.ServerReconciler.interval = 1
 c.LabvaultLocalSpawner.run_as_hub_user = True
 c.LabvaultLocalSpawner.home_root = {str(workdir / "homes")!r}
+c.LabvaultLocalSpawner.kernel_data_dirs = [{str(workdir / "share")!r}]
 c.JupyterHub.load_roles.append({{"name": "test-admin-servers", "services": ["test-admin"],
                                   "scopes": ["admin:servers", "admin:server_state"]}})
 """
@@ -303,16 +321,16 @@ def test_refusals_and_starts_are_audited(hub):
 def test_spawned_server_holds_the_service_token_and_no_secret(hub):
     """A real server: its environment carries the service URL, a token that works against the
     service, the allowed kernel; never the database URL, the Hub's secret or a key."""
-    r = spawn(hub, "carol", {"environment": "python-scientific"})
+    r = spawn(hub, "carol", {"environment": "xrd-lab"})
     assert r.status in (201, 202), r.data
     model = wait_ready(hub, "carol")
     state = model["state"]
-    assert state["labvault"]["environment"] == "python-scientific"
+    assert state["labvault"]["environment"] == "xrd-lab"
     assert state["labvault"]["experiments"] == ["NLS-2026-0002"]  # the public experiment only
     env = environ(state["pid"])
     assert env["LABVAULT_SERVICE_URL"] == hub.service_url
-    assert env["LABVAULT_ENVIRONMENT"] == "python-scientific" and env["LABVAULT_ALLOWED_KERNELS"] == "python3"
-    assert env["HOME"].endswith("/homes/carol")
+    assert env["LABVAULT_ENVIRONMENT"] == "xrd-lab" and env["LABVAULT_ALLOWED_KERNELS"] == "xrd-py"
+    assert env["HOME"].endswith("/homes/carol") and env["JUPYTER_PATH"].endswith("/share")
     for key in ("LABVAULT_DB_URL", "LABVAULT_HUB_SECRET", "LABVAULT_MASTER_KEY", "CONFIGPROXY_AUTH_TOKEN",
                 "JUPYTERHUB_CRYPT_KEY"):
         assert key not in env
@@ -324,6 +342,10 @@ def test_spawned_server_holds_the_service_token_and_no_secret(hub):
                          headers={"Authorization": f"token {token}"})
     assert r.status == 200, r.data
     assert sorted(e["exid"] for e in json.loads(r.data)["experiments"]) == ["NLS-2026-0002"]
+    # the server offers the environment's kernel (installed from the catalogue), no other
+    r = hub.http.request("GET", f"{hub.url}/user/carol/api/kernelspecs", headers={"Authorization": f"token {token}"})
+    assert r.status == 200, r.data
+    assert sorted(json.loads(r.data)["kernelspecs"]) == ["xrd-py"]
     # ... and the kernel-side client works with exactly what the server has
     out = subprocess.run([sys.executable, "-c", "from labvault.datastore.client import Client\n"
                           "print([e['exid'] for e in Client().experiments()])"],
