@@ -111,12 +111,17 @@ def server_contents(base: str, s: requests.Session, user: str, environment: str 
         raise AssertionError(f"{user}'s server did not start: {r.status_code} {r.url}")
     xsrf = [c.value for c in s.cookies if c.name == "_xsrf" and c.path.startswith(f"/user/{user}")][0]
 
+    def h5(endpoint: str, **params):
+        r = s.get(base + f"/user/{user}/labvault/h5grove/{endpoint}/", params=params, headers={"X-XSRFToken": xsrf})
+        return r.status_code, (r.json() if r.headers.get("Content-Type", "").startswith("application/json") else r.text)
+
     def ls(path: str):
         r = s.get(base + f"/user/{user}/api/contents/{path}", headers={"X-XSRFToken": xsrf})
         if r.status_code != 200:
             return r.status_code, r.text[:300]
         return r.status_code, sorted(c["name"] for c in r.json().get("content") or [])
 
+    ls.h5 = h5
     return ls
 
 
@@ -134,6 +139,12 @@ def test_make_run_signs_in_a_demo_user_who_sees_exactly_their_experiments(embedd
     assert ls("experiments") == (200, ["NLS-2026-0001", "NLS-2026-0002"])  # writer + public
     assert ls("experiments/NLS-2026-0001/scan-0001") == (200, ["frames.h5"])
     assert ls("experiments/NLS-2025-0042")[0] == 404  # not his: not even its existence
+    # the HDF5 file's structure and a frame, through the server extension and the service
+    f = "experiments/NLS-2026-0001/scan-0001/frames.h5"
+    status, meta = ls.h5("meta", file=f, path="/entry/data/data")
+    assert status == 200 and meta["kind"] == "dataset" and meta["shape"] == [24, 256, 256], meta
+    status, row = ls.h5("data", file=f, path="/entry/data/data", selection="3,128,0:4", format="json")
+    assert status == 200 and len(row) == 4
     # vera (vendor staff): never proprietary data, not even as an environment to start
     v = sign_in(base, "vera")
     assert "alpine-pipeline" not in v.get(base + "/hub/spawn").text
