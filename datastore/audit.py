@@ -44,6 +44,28 @@ def _hash_of(e: AuditEvent, prev_hash: str) -> str:
                       e.rule, e.reason, e.ip, e.details or {})
 
 
+#: ``details`` key of a refusal that was answered with another rule and reason than the one
+#: decided: a proprietary experiment one may not read is answered as an unknown one.
+ANSWERED = "answered"
+
+
+def answered_as(decision: Decision, rule: str, reason: str) -> dict | None:
+    """``details`` recording how a refusal was answered, when that differs from the decision."""
+    if (rule, reason) == (decision.rule, decision.reason):
+        return None
+    return {ANSWERED: {"rule": rule, "reason": reason}}
+
+
+def shown_to_actor(e: AuditEvent) -> tuple[str, str]:
+    """(rule, reason) of ``e`` as its actor was answered. The actor's own access log and export
+    show these, so they reveal no more than the answer did (a hidden experiment's existence);
+    the event, the audit trail and admins keep the rule as decided."""
+    answered = (e.details or {}).get(ANSWERED) if not e.allowed else None
+    if isinstance(answered, dict):
+        return str(answered.get("rule", e.rule)), str(answered.get("reason", e.reason))
+    return e.rule, e.reason
+
+
 def append(
     session: Session,
     *,

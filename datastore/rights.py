@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session
 from labvault import policies as p
 from labvault.policies import Decision
 
+from . import audit
 from . import operations as ops
 from .access import experiment_value, load_subject
 from .lifecycle import account_record, erase_personal_data, is_author, purge_file, revoke_roles
@@ -142,9 +143,11 @@ def export_personal_data(session: Session, user_id: int) -> dict:
     notices = [{"kind": n.kind, "rule": n.rule, "subject": n.subject, "body": n.body,
                 "created_at": _t(n.created_at), "sent_at": _t(n.sent_at)}
                for n in session.scalars(select(Notice).where(Notice.user_id == u.id).order_by(Notice.id))]
-    activity = [{"seq": e.seq, "time": _t(e.time), "actor": e.actor, "action": e.action, "target": e.target,
-                 "allowed": e.allowed, "rule": e.rule, "reason": e.reason, "ip": e.ip}
-                for e in session.scalars(select(AuditEvent).where(AuditEvent.actor == u.name).order_by(AuditEvent.seq))]
+    activity = []
+    for e in session.scalars(select(AuditEvent).where(AuditEvent.actor == u.name).order_by(AuditEvent.seq)):
+        rule, reason = audit.shown_to_actor(e)  # as they were answered (a hidden experiment stays hidden)
+        activity.append({"seq": e.seq, "time": _t(e.time), "actor": e.actor, "action": e.action,
+                         "target": e.target, "allowed": e.allowed, "rule": rule, "reason": reason, "ip": e.ip})
     return {
         "profile": profile,
         "sign_in": sign_in,

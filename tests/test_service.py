@@ -186,14 +186,15 @@ def test_each_user_sees_exactly_what_the_policy_allows(as_):
 
 def test_proprietary_is_not_revealed_and_refusal_is_audited(hub, as_):
     status, body = as_("carol")("GET", "/experiments/NLS-2026-0001")
-    assert status == 404
-    assert body["rule"] == "proprietary.assigned_only"
+    assert status == 404  # answered as an unknown exID would be; the audit event has the rule
+    assert body == {"error": "not found", "rule": "default.deny", "reason": "no experiment 'NLS-2026-0001'"}
     ev = last_event(hub, actor="carol")
     assert (ev.action, ev.allowed, ev.rule, ev.target) == ("read", False, "proprietary.assigned_only",
                                                           "experiment:NLS-2026-0001")
     assert ev.ip == "127.0.x.x"
     status, body = as_("vera")("GET", "/experiments/NLS-2026-0001")
-    assert status == 404 and body["rule"] == "vendor.never"
+    assert status == 404 and body["rule"] == "default.deny"
+    assert last_event(hub, actor="vera").rule == "vendor.never"
     status, body = as_("bob")("GET", "/experiments/NLS-2026-0001")
     assert status == 200 and body["access"]["rule"] == "role.grant"
     status, body = as_("bob")("GET", "/experiments/NO-SUCH")
@@ -435,7 +436,7 @@ def test_served_reads_with_ranges_one_audit_event_per_window(hub, as_):
 def test_file_reads_are_decided_per_request(hub, as_):
     for user in ("admin", "vera"):  # admins read no data by being admins; vendor staff never
         status, body = as_(user)("GET", FILE)
-        assert status == 404 and isinstance(body, dict) and body["rule"] in ("proprietary.assigned_only", "vendor.never")
+        assert status == 404 and isinstance(body, dict) and body["rule"] == "default.deny"
     frank = as_("frank")
     status, data = frank("GET", FILE, headers={"Range": "bytes=0-15"})
     assert status == 206 and data == hub.frames_bytes[:16]

@@ -18,7 +18,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from tornado import httpserver, ioloop, web
-from traitlets import Bool, Float, Int, Unicode, default
+from traitlets import Bool, Float, Int, TraitError, Unicode, default, validate
 
 from labvault.datastore.cli import CommandError, LabvaultCommand
 from labvault.datastore.db import make_engine, session_factory
@@ -152,6 +152,21 @@ class DatastoreService(LabvaultCommand):
         help="Take the client address from X-Forwarded-For (set by JupyterHub's proxy).",
     ).tag(config=True)
 
+    token_cache_seconds = Int(
+        10,
+        help="""How long (seconds) the service trusts the Hub's answer about a token before it asks
+        the Hub again. A token the Hub revoked (an admin removed it, a user's server stopped) is
+        refused at most this long afterwards. JupyterHub's own default (HubAuth.cache_max_age) is
+        300 seconds, which let a revoked token read data for five more minutes. Each token costs
+        one Hub API request per period. At least 1.""",
+    ).tag(config=True)
+
+    @validate("token_cache_seconds")
+    def _check_token_cache(self, proposal):
+        if proposal.value < 1:
+            raise TraitError("token_cache_seconds must be at least 1 (HubAuth treats 0 as 'forever')")
+        return proposal.value
+
     def now(self) -> datetime:
         if self.fake_clock_file:
             text = Path(self.fake_clock_file).read_text().strip()
@@ -164,6 +179,7 @@ class DatastoreService(LabvaultCommand):
         from .hub_api import HUB_ROUTES
 
         self.policy: Policy = default_policy()
+        self._configure_hub_auth()
         self.engine = make_engine(self.db_url)
         self.sessions = session_factory(self.engine)
         self.limiter = RateLimiter(self.rate_limit_per_second, self.rate_limit_burst)
@@ -183,6 +199,14 @@ class DatastoreService(LabvaultCommand):
             compress_response=False,
             xsrf_cookies=False,
         )
+
+    def _configure_hub_auth(self) -> None:
+        """The handlers' HubAuth (a singleton) forgets a token's answer after token_cache_seconds."""
+        from jupyterhub.services.auth import HubAuth
+
+        hub_auth = HubAuth.instance()
+        hub_auth.cache_max_age = self.token_cache_seconds
+        hub_auth.cache = type(hub_auth.cache)(self.token_cache_seconds)
 
     def reader(self, file_id: int):
         """An open decrypting reader of a stored file, kept for the next range requests."""

@@ -25,12 +25,14 @@ from labvault.datastore.models import (
     Experiment,
     Institution,
     ResultSet,
+    Role,
     Share,
     ShareState,
     StoredFile,
     User,
     UserState,
 )
+from labvault.datastore.store.errors import StoreError
 
 from . import views
 
@@ -47,6 +49,27 @@ class APIError(web.HTTPError):
 
 def denied(decision: p.Decision, status: int = 403) -> APIError:
     return APIError(status, "forbidden" if status == 403 else "not found", decision.rule, decision.reason)
+
+
+def database_unavailable(exc: BaseException | None) -> bool:
+    """The database cannot be reached or is restarting (not a bug of ours, not bad input)."""
+    from sqlalchemy import exc as sa
+
+    if isinstance(exc, (sa.DisconnectionError, sa.TimeoutError)):
+        return True
+    return isinstance(exc, (sa.OperationalError, sa.InterfaceError)) or (
+        isinstance(exc, sa.DBAPIError) and exc.connection_invalidated)
+
+
+_ROW_ID = re.compile(r"[0-9]{1,18}")  # ASCII digits that fit a 64-bit database integer
+
+
+def row_id(value: str, what: str) -> int:
+    """A numeric id from the path. Anything else -- letters, Unicode digits such as '²', a number
+    too large for the database -- names nothing that exists: 404."""
+    if not _ROW_ID.fullmatch(value):
+        raise APIError(404, "not found", "", f"no {what} {value[:40]!r}")
+    return int(value)
 
 
 class JSONHandler(web.RequestHandler):
@@ -72,6 +95,9 @@ class JSONHandler(web.RequestHandler):
         if isinstance(value, web.HTTPError):
             self.service.log.info("%d %s %s: %s", value.status_code, self.request.method,
                                   self.request.path, getattr(value, "reason", "") or value.log_message)
+        elif database_unavailable(value):  # one line per request while the database is away
+            self.service.log.warning("database unavailable in %s %s: %s", self.request.method, self.request.path,
+                                     str(value).splitlines()[0][:300])
         else:
             self.service.log.error("uncaught error in %s %s", self.request.method, self.request.path,
                                    exc_info=(typ, value, tb))
@@ -115,6 +141,11 @@ class JSONHandler(web.RequestHandler):
             body = {"error": exc.error, "rule": exc.rule, "reason": exc.reason}
         elif isinstance(exc, web.HTTPError):
             body = {"error": exc.log_message or self._reason, "rule": "", "reason": exc.log_message or self._reason}
+        elif database_unavailable(exc):  # e.g. PostgreSQL restarting: the pool reconnects by itself
+            self.set_status(503)
+            self.set_header("Retry-After", "5")
+            body = {"error": "database unavailable", "rule": "",
+                    "reason": "the service cannot reach its database right now; try again in a moment"}
         else:  # a bug: say so, show nothing of it
             body = {"error": "internal error", "rule": "", "reason": "the service failed; the error was logged"}
         self.set_header("Content-Type", "application/json; charset=utf-8")
@@ -196,10 +227,12 @@ class BaseAPIHandler(HubAuthenticated, JSONHandler):
             self.audit(action, target, decision)
         return decision
 
-    def experiment(self, session, exid: str) -> Experiment:
+    def experiment(self, session, exid: str, action: str = "read", target: str | None = None) -> Experiment:
         e = session.scalar(select(Experiment).where(Experiment.exid == exid))
-        if e is None:
-            raise APIError(404, "not found", "default.deny", f"no experiment {exid!r}")
+        if e is None:  # a refusal like any other, audited (also: a hidden experiment's twin in one's own log)
+            decision = p.Decision(False, "default.deny", f"no experiment {exid!r}")
+            self.audit(action, target or f"experiment:{exid}", decision)
+            raise APIError(404, "not found", decision.rule, decision.reason)
         return e
 
     def read_experiment(self, session, exid: str, action: str = "read") -> tuple[Experiment, p.Experiment]:
@@ -209,9 +242,22 @@ class BaseAPIHandler(HubAuthenticated, JSONHandler):
         ev = experiment_value(session, e)
         decision = self.service.policy.decide(self.subject(session), action, ev, self.now)
         if not decision.allowed:
-            self.audit(action, f"experiment:{exid}", decision)
-            raise denied(decision, 404 if e.proprietary else 403)
+            error = self.refused(e, decision)
+            self.audit(action, f"experiment:{exid}", decision, audit.answered_as(decision, error.rule, error.reason))
+            raise error
         return e, ev
+
+    def refused(self, e: Experiment, decision: p.Decision) -> APIError:
+        """The answer to a refused read of an experiment: 403 naming the rule; for a proprietary
+        one 404, and exactly the unknown exID's answer, so that guessing exIDs tells nobody which
+        exist (the audit event keeps the real rule; one's own access log shows the answer, see
+        audit.answered_as). Only facility staff whose window closed are told why: they knew the
+        experiment."""
+        if not e.proprietary:
+            return denied(decision, 403)
+        if decision.rule == "facility.access_window":
+            return denied(decision, 404)
+        return APIError(404, "not found", "default.deny", f"no experiment {e.exid!r}")
 
     def guard(self, exid: str) -> None:
         """Before changing an experiment: one who cannot read it learns nothing more (404 for
@@ -260,7 +306,7 @@ class MeAccessLogHandler(BaseAPIHandler):
                         audit_allowed=False)
             events = s.scalars(select(AuditEvent).where(AuditEvent.actor == self.lv_user_name)
                                .order_by(AuditEvent.seq.desc()).limit(self._limit())).all()
-            self.write_json({"events": [views.event(e) for e in events]})
+            self.write_json({"events": [views.event(e, as_actor=True) for e in events]})
 
     def _limit(self) -> int:
         try:
@@ -379,6 +425,8 @@ class RoleHandler(BaseAPIHandler):
     def delete(self, exid, user):
         role = self.get_argument("role", None)
         self.guard(exid)
+        if role and role not in Role.__members__:
+            raise APIError(400, "bad request", "", f"unknown role {role[:40]!r}: one of {', '.join(Role.__members__)}")
         n = self.run_op(ops.revoke_role, exid, user, role)
         self.write_json({"revoked": n})
 
@@ -405,9 +453,7 @@ class ShareConfirmHandler(BaseAPIHandler):
     confirm = True
 
     def post(self, share_id):
-        if not share_id.isdigit():
-            raise APIError(404, "not found", "", f"no share {share_id!r}")
-        share = self.run_op(ops.decide_share, int(share_id), self.confirm)
+        share = self.run_op(ops.decide_share, row_id(share_id, "share"), self.confirm)
         with self.sessions() as s:
             e = s.get(Experiment, share.experiment_id)
             self.write_json(views.share(s.get(Share, share.id), views.NameCache(s), e.exid))
@@ -504,16 +550,15 @@ class ResultSetsHandler(BaseAPIHandler):
 
 class ResultSetPublishHandler(BaseAPIHandler):
     def post(self, result_set_id):
-        if not result_set_id.isdigit():
-            raise APIError(404, "not found", "", f"no result set {result_set_id!r}")
+        rs_id = row_id(result_set_id, "result set")
         with self.sessions() as s:
-            rs = s.get(ResultSet, int(result_set_id))
+            rs = s.get(ResultSet, rs_id)
             if rs is None:
                 raise APIError(404, "not found", "", f"no result set {result_set_id}")
             value = ops.result_set_value(s, rs)
             if not self.service.policy.decide(self.subject(s), "read", value, self.now).allowed:
                 raise APIError(404, "not found", "", f"no result set {result_set_id}")
-        rs = self.run_op(ops.publish_result_set, int(result_set_id))
+        rs = self.run_op(ops.publish_result_set, rs_id)
         with self.sessions() as s:
             rs = s.get(ResultSet, rs.id)
             exid = s.get(Experiment, rs.experiment_id).exid
@@ -552,13 +597,14 @@ class FileAccess:
         path = self._path(path)
         target = f"file:{exid}/{path}"
         with self.sessions() as s:
-            e = self.experiment(s, exid)
+            e = self.experiment(s, exid, "file.read", target)
             # one decision per request: the file's (which is the experiment's, plus deletion)
             decision = self.service.policy.decide(self.subject(s), "read", p.File(experiment_value(s, e), path),
                                                   self.now)
             if not decision.allowed and decision.rule != "retention.deleted":
-                self.audit("file.read", target, decision)
-                raise denied(decision, 404 if e.proprietary else 403)  # proprietary: not revealed
+                error = self.refused(e, decision)  # proprietary: not revealed
+                self.audit("file.read", target, decision, audit.answered_as(decision, error.rule, error.reason))
+                raise error
             row = s.scalars(select(StoredFile).where(StoredFile.experiment_id == e.id, StoredFile.path == path)
                             .order_by(StoredFile.id.desc())).first()
             if row is None:
@@ -619,7 +665,7 @@ class StreamedUpload:
             return
         limit = self.service.max_upload_size
         declared = self.request.headers.get("Content-Length")
-        if declared is None or not declared.isdigit():
+        if declared is None or not re.fullmatch(r"[0-9]{1,19}", declared):
             raise APIError(411, "length required", "", "send Content-Length with the upload")
         if int(declared) > limit:
             raise APIError(413, "payload too large", "",
@@ -713,6 +759,8 @@ class FileHandler(StreamedUpload, FileServing, BaseAPIHandler):
             raise denied(e.decision) from None
         except ops.OperationError as e:
             raise APIError(409 if "already" in str(e) else 400, "bad request", "", str(e)) from None
+        except StoreError as e:  # e.g. a replica's disk is full: nothing was stored
+            raise APIError(503, "storage error", "", str(e)) from None
         with self.sessions() as s:
             self.write_json(views.stored_file(s.get(StoredFile, info.file.id)), 201)
 

@@ -16,10 +16,11 @@ from labvault import policies as p
 from labvault.datastore import operations as ops
 from labvault.datastore.access import personal_shared_with
 from labvault.datastore.models import PersonalShare, StoredFile, User, UserState
+from labvault.datastore.store.errors import StoreError
 from labvault.datastore.store.store import Home
 
 from . import views
-from .handlers import APIError, BaseAPIHandler, FileServing, StreamedUpload, denied
+from .handlers import APIError, BaseAPIHandler, FileServing, StreamedUpload, denied, row_id
 
 
 def _share(x: PersonalShare, names: views.NameCache) -> dict:
@@ -97,6 +98,8 @@ class PersonalFileHandler(StreamedUpload, PersonalBase):
             raise denied(e.decision) from None
         except ops.OperationError as e:
             raise APIError(409 if "already" in str(e) else 400, "bad request", "", str(e)) from None
+        except StoreError as e:  # e.g. a replica's disk is full: nothing was stored
+            raise APIError(503, "storage error", "", str(e)) from None
         with self.sessions() as s:
             self.write_json(_file(s.get(StoredFile, info.file.id)), 201)
 
@@ -142,9 +145,7 @@ class PersonalSharesHandler(BaseAPIHandler):
 
 class PersonalShareHandler(BaseAPIHandler):
     def delete(self, share_id):
-        if not share_id.isdigit():
-            raise APIError(400, "bad request", "", "a share id is a number")
-        share = self.run_op(ops.revoke_personal_share, int(share_id))
+        share = self.run_op(ops.revoke_personal_share, row_id(share_id, "share"))
         with self.sessions() as s:
             self.write_json(_share(s.get(PersonalShare, share.id), views.NameCache(s)))
 

@@ -9,6 +9,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from labvault import policies as p
+from labvault.datastore import audit
 from labvault.datastore.models import (
     AuditEvent,
     Department,
@@ -128,9 +129,11 @@ def retention(e: Experiment, now: datetime) -> dict:
             "days_left": days_left, "status": e.status}
 
 
-def event(e: AuditEvent, full: bool = True) -> dict:
+def event(e: AuditEvent, full: bool = True, as_actor: bool = False) -> dict:
+    """An audit event; ``as_actor``: with the rule and reason its actor was answered (audit.shown_to_actor)."""
+    rule, reason = audit.shown_to_actor(e) if as_actor else (e.rule, e.reason)
     out = {"seq": e.seq, "time": e.time, "actor": e.actor, "action": e.action, "target": e.target,
-           "allowed": e.allowed, "rule": e.rule, "reason": e.reason}
+           "allowed": e.allowed, "rule": rule, "reason": reason}
     if full:
         out["ip"] = e.ip
     return out

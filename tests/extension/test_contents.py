@@ -207,8 +207,8 @@ async def test_refusals_under_experiments(jp_fetch, jp_root_dir, hub):
 async def test_a_refusal_carries_the_policy_reason(jp_fetch, hub, cm):
     before = audit_count(hub)
     status, body, headers = await api(jp_fetch, "experiments", A)
-    assert status == 404  # proprietary: its existence is not revealed
-    assert headers["X-Labvault-Rule"] == "proprietary.assigned_only"
+    assert status == 404  # proprietary: its existence is not revealed (an unknown exID's answer)
+    assert headers["X-Labvault-Rule"] == "default.deny"
     assert unquote(headers["X-Labvault-Reason"])
     status, body, headers = await api(jp_fetch, "experiments", OPEN, "powder", "upload.txt", method="PUT",
                                       body={"type": "file", "format": "text", "content": "mine"})
