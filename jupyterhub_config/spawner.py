@@ -406,6 +406,20 @@ class LabvaultLocalSpawner(LicensedEnvironmentMixin, LocalProcessSpawner):
     def _default_home_root(self):
         return os.path.join(os.getcwd(), "labvault-homes")
 
+    home_mode = Int(
+        0o700,
+        help="""With one system account per user (not :attr:`run_as_hub_user`): the most a
+        user's home directory may allow, applied (as root) before their server starts. A home
+        that others can read lets every other user's kernel read its notebooks and outputs
+        (``useradd -m`` makes 0755 homes). Default 0o700; 0 leaves homes alone.""",
+    ).tag(config=True)
+
+    umask = Int(
+        0o077,
+        help="""umask of every user's server and its kernels: files they create (notebooks,
+        outputs, downloads of experiment data) are their owner's alone. Default 0o077.""",
+    ).tag(config=True)
+
     kernel_data_dirs = List(
         Unicode(),
         help="""Jupyter data directories put first on the server's ``JUPYTER_PATH``: where
@@ -419,15 +433,38 @@ class LabvaultLocalSpawner(LicensedEnvironmentMixin, LocalProcessSpawner):
         return str(Path(self.home_root) / self.user.name)
 
     def make_preexec_fn(self, name):
+        umask = self.umask
         if not self.run_as_hub_user:
-            return super().make_preexec_fn(name)
+            switch_user = super().make_preexec_fn(name)
+
+            def preexec():  # in the child, before exec: the user's account, private files
+                switch_user()
+                os.umask(umask)
+
+            return preexec
         home = self.labvault_home
 
         def preexec():  # in the child, before exec
             os.makedirs(home, 0o700, exist_ok=True)
             os.chdir(home)
+            os.umask(umask)
 
         return preexec
+
+    def _private_home(self) -> None:
+        """Take group/other access the home should not allow away (see :attr:`home_mode`)."""
+        import pwd
+        import stat
+
+        try:
+            home = pwd.getpwnam(self.user.name).pw_dir
+            mode = stat.S_IMODE(os.stat(home).st_mode)
+        except (KeyError, OSError):
+            return  # no such account or home: LocalProcessSpawner says so when it starts
+        if mode & ~self.home_mode & 0o777:
+            os.chmod(home, mode & self.home_mode)
+            self.log.warning("labvault: %s's home %s was mode %o, others could read it; now %o "
+                             "(LabvaultLocalSpawner.home_mode)", self.user.name, home, mode, mode & self.home_mode)
 
     def user_env(self, env: dict) -> dict:
         if not self.run_as_hub_user:
@@ -461,6 +498,8 @@ class LabvaultLocalSpawner(LicensedEnvironmentMixin, LocalProcessSpawner):
                 if os.getuid() == 0 else "Run the Hub as root for one system account per user.")
         if self.run_as_hub_user:
             Path(self.home_root).mkdir(mode=0o700, parents=True, exist_ok=True)
+        elif self.home_mode and os.getuid() == 0:
+            self._private_home()
         return await super().start()
 
 
