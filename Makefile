@@ -96,3 +96,14 @@ bench: $(STAMP)
 	$(VENV)/bin/python benchmarks/bench_policy.py
 	scripts/with-postgres $(VENV)/bin/python benchmarks/bench_listing.py --sizes $(BENCH_SIZES)
 	scripts/with-postgres $(VENV)/bin/python benchmarks/bench_audit.py --seconds $(BENCH_SECONDS)
+
+#   make soak        the long fuzzing run: >= 1,000 random API cases per database (docs/hardening.md)
+SOAK_EXAMPLES ?= 40
+SOAK_REPORT ?= test-artifacts/fuzz-soak.jsonl
+
+.PHONY: soak
+soak: $(STAMP) $(NODE_STAMP)
+	mkdir -p $(dir $(SOAK_REPORT)) && rm -f $(SOAK_REPORT)
+	LABVAULT_FUZZ_EXAMPLES=$(SOAK_EXAMPLES) LABVAULT_FUZZ_SEED=random LABVAULT_FUZZ_REPORT=$(abspath $(SOAK_REPORT)) \
+		scripts/with-postgres $(VENV)/bin/python -m pytest tests/test_fuzz_api.py -q $(PYTEST_ARGS)
+	@cat $(SOAK_REPORT)

@@ -34,13 +34,16 @@ def policy_rules_md() -> str:
     return "\n".join(out)
 
 
-def _trait_rows(cls, own_only: bool = False) -> list[str]:
-    """``own_only``: just the traits labvault defines (not JupyterHub's / oauthenticator's)."""
+def _trait_rows(cls, own_only: bool = False, defined_here: bool = False) -> list[str]:
+    """``own_only``: just the traits labvault defines (not JupyterHub's / oauthenticator's);
+    ``defined_here``: just the ones ``cls`` itself adds (its bases have their own sections)."""
     rows = []
     for name, trait in sorted(cls.class_traits(config=True).items()):
         if name.startswith(("log", "show_config")):  # inherited from traitlets' Application
             continue
         if own_only and not trait.this_class.__module__.startswith("labvault."):
+            continue
+        if defined_here and trait.this_class is not cls:
             continue
         default = trait.default_value_repr()
         help_ = " ".join((trait.help or "").split())
@@ -93,6 +96,19 @@ def config_reference_md() -> str:
     ):
         out += [f"## {cls.__name__}", "", intro, "", "| option | default | meaning |", "|---|---|---|"]
         out += _trait_rows(cls, own_only=own)
+        out.append("")
+    from labvault.datastore.service.app import DatastoreService
+    from labvault.hub.spawner import LabvaultLocalSpawner
+
+    for cls, intro in (
+        (DatastoreService, "The datastore service (`labvault service`, started by JupyterHub) "
+                           "([service.md](service.md)); the options of every command apply too."),
+        (LabvaultLocalSpawner, "The local spawner (`labvault-local`): one system account per user or the "
+                               "Hub's own ([operators.md](operators.md), [hardening.md](hardening.md)); "
+                               "the licensed-environment options above apply too."),
+    ):
+        out += [f"## {cls.__name__}", "", intro, "", "| option | default | meaning |", "|---|---|---|"]
+        out += _trait_rows(cls, defined_here=True)
         out.append("")
     out += _extension_sections()
     return "\n".join(out)
