@@ -173,6 +173,13 @@ class Client:
         return lease
 
 
+class _Answer:
+    """A streamed response's status and body, read already, for :meth:`Client._json`."""
+
+    def __init__(self, status: int, reason: str | None, data: bytes):
+        self.status, self.reason, self.data = status, reason, data
+
+
 def file_url(client: Client, exid: str, path: str) -> str:
     return client._url(f"/experiments/{quote(exid, safe='')}/files/{quote(path.lstrip('/'))}")
 
@@ -242,9 +249,8 @@ class RemoteFile(_ReadOnlyFile):
         r = self.client.http.request("GET", self.url, headers={**self.client.headers, "Range": f"bytes={start}-{end}"},
                                      preload_content=False)
         try:
-            if r.status not in (200, 206):
-                r.read()
-                self.client._json(r)
+            if r.status not in (200, 206):  # a refusal: its JSON names the rule and the reason
+                self.client._json(_Answer(r.status, r.reason, r.read()))
             got = 0
             while got < len(buf):
                 n = r.readinto(buf[got:])

@@ -332,6 +332,35 @@ def link_project(factory, actor: Actor, exid: str, project: str, now: datetime |
         _record(session, actor, "project.link", f"experiment:{exid}", OPERATOR, now, {"project": project})
 
 
+def grant_project_access(factory, actor: Actor, project: str, user: str, *, institution: str | None = None,
+                         now: datetime | None = None) -> RoleGrant:
+    """Give ``user`` read-only access to a project (admins and the project's PI decide)."""
+    now = now or utcnow()
+    with factory.begin() as session:
+        inst = get_institution(session, institution) if institution else None
+        proj = get_project(session, project, inst)
+        inst_name = session.get(Institution, proj.institution_id).name
+        target = f"project:{inst_name}/{proj.name}"
+        u = get_user(session, user)
+        subject = _subject(session, actor, now)
+        decision = OPERATOR
+        if subject is not None:
+            change = p.ProjectAccessChange(p.Project(proj.id, proj.pi_id, proj.institution_id),
+                                           load_subject(session, u, now))
+            decision = p.decide(subject, "manage_access", change, now)
+        if decision.allowed:
+            grant = session.scalar(select(RoleGrant).where(
+                RoleGrant.user_id == u.id, RoleGrant.project_id == proj.id, RoleGrant.revoked_at.is_(None)))
+            if grant is None:
+                grant = RoleGrant(user_id=u.id, project_id=proj.id, role=Role.viewer,
+                                  granted_by_id=actor.user_id, granted_at=now)
+                session.add(grant)
+                session.flush()
+            _record(session, actor, "project.member", target, decision, now, {"user": user})
+            return grant
+    raise _refuse(factory, actor, "project.member", target, decision, now)
+
+
 def add_licence(factory, actor: Actor, institution: str, product: str, *,
                 valid_until: datetime | None = None, seats: int | None = None,
                 now: datetime | None = None) -> None:
@@ -502,15 +531,23 @@ def revoke_role(factory, actor: Actor, exid: str, user: str, role: str | None = 
         if role:
             q = q.where(RoleGrant.role == Role(role))
         grants = session.scalars(q).all()
-        if not grants:
+        if u.id == e.pi_id:  # the PI's own standing is not a grant: the policy refuses to end it
+            change = p.RoleChange(experiment_value(session, e), load_subject(session, u, now), role or "viewer")
+            decision = p.decide(subject, "revoke_role", change, now)
+            if not decision.allowed:
+                grants = []
+        elif not grants:
             raise NotFound(f"{user} holds no active {role or 'role'} on {exid}")
-        decision = Decision(True, "role.manage", "")
+        else:
+            decision = Decision(True, "role.manage", "")
         for g in grants:
             change = p.RoleChange(experiment_value(session, e), load_subject(session, u, now), g.role.value)
             decision = p.decide(subject, "revoke_role", change, now)
             if not decision.allowed:
                 break
-        else:
+        if decision.allowed:
+            if not grants:
+                raise NotFound(f"{user} holds no active {role or 'role'} on {exid}")
             for g in grants:
                 g.revoked_at = now
                 g.revoked_by_id = acting
@@ -663,6 +700,28 @@ def result_set_value(session: Session, rs: ResultSet, ev: p.Experiment | None = 
     return p.ResultSet(rs.id, ev, rs.department_id, projects, rs.published_at is not None, rs.created_by_id)
 
 
+def correct_experiment(factory, actor: Actor, exid: str, *, title: str | None = None,
+                       facility: str | None = None, now: datetime | None = None) -> None:
+    """The PI corrects an experiment's descriptive metadata (kept, so it must be right)."""
+    now = now or utcnow()
+    target = f"experiment:{exid}"
+    changes = {k: v.strip() for k, v in (("title", title), ("facility", facility)) if v is not None}
+    if not changes:
+        raise OperationError("nothing to correct: give a title or a facility")
+    if "title" in changes and not 0 < len(changes["title"]) <= 500:
+        raise OperationError("a title has 1 to 500 characters")
+    with factory.begin() as session:
+        e = get_experiment(session, exid)
+        decision = p.decide(load_subject(session, actor.user_id, now), "correct", experiment_value(session, e), now)
+        if decision.allowed:
+            before = {k: getattr(e, k) for k in changes}
+            for k, v in changes.items():
+                setattr(e, k, v)
+            _record(session, actor, "experiment.correct", target, decision, now, {"before": before, "after": changes})
+            return
+    raise _refuse(factory, actor, "experiment.correct", target, decision, now)
+
+
 def create_result_set(factory, actor: Actor, exid: str, name: str, *, kind: str = "analysis",
                       department_id: int | None = None, now: datetime | None = None) -> ResultSet:
     """Upload a result set: it belongs to the experiment's department and inherits its projects."""
@@ -675,7 +734,17 @@ def create_result_set(factory, actor: Actor, exid: str, name: str, *, kind: str 
         e = get_experiment(session, exid)
         ev = experiment_value(session, e)
         subject = load_subject(session, actor.user_id, now)
-        decision = p.decide(subject, "upload_results", p.NewResultSet(ev, department_id), now)
+        decision = None
+        if department_id is not None and department_id != e.department_id:
+            # new data belongs to the uploader's department unless they may write to the other
+            d = session.get(Department, department_id)
+            if d is None:
+                raise NotFound(f"unknown department {department_id}")
+            owner = p.decide(subject, "assign_owner", p.Department(d.id, d.institution_id, d.virtual), now)
+            if not owner.allowed:
+                decision = owner
+        if decision is None:
+            decision = p.decide(subject, "upload_results", p.NewResultSet(ev, department_id), now)
         if decision.allowed:
             rs = ResultSet(experiment_id=e.id, department_id=department_id or e.department_id, name=name,
                            kind=kind, created_by_id=actor.user_id, created_at=now)

@@ -8,7 +8,9 @@ The time spans are traits of :class:`Policy`, with the defaults of the design.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from datetime import datetime, timedelta
 
 from traitlets import Bool, Integer, List, observe
@@ -107,6 +109,21 @@ def _listed(read: Decision) -> Decision:
 
 def _day(t: datetime) -> str:
     return t.strftime("%Y-%m-%d")
+
+
+#: The decisions made in the current context, when someone records them (tests, debugging).
+_RECORDER: ContextVar[set[tuple[str, bool]] | None] = ContextVar("labvault_decisions", default=None)
+
+
+@contextmanager
+def recording_decisions() -> Iterator[set[tuple[str, bool]]]:
+    """Collect ``(rule, allowed)`` of every decision made in this context (thread or task)."""
+    seen: set[tuple[str, bool]] = set()
+    token = _RECORDER.set(seen)
+    try:
+        yield seen
+    finally:
+        _RECORDER.reset(token)
 
 
 class Policy(LoggingConfigurable):
@@ -222,8 +239,13 @@ class Policy(LoggingConfigurable):
         """Decide whether ``subject`` may do ``action`` on ``resource`` at ``now``."""
         handler = self._handlers.get((type(resource), action))
         if handler is None:
-            return _deny("default.deny", f"no rule allows {action!r} on {type(resource).__name__}")
-        return handler(subject, resource, now)
+            decision = _deny("default.deny", f"no rule allows {action!r} on {type(resource).__name__}")
+        else:
+            decision = handler(subject, resource, now)
+        recorder = _RECORDER.get()
+        if recorder is not None:
+            recorder.add((decision.rule, decision.allowed))
+        return decision
 
     # ----------------------------------------------------------------------------------
     # time helpers (used by the datastore's SQL and lifecycle code, so there is one truth)

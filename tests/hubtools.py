@@ -105,6 +105,9 @@ def start_hub(workdir: Path, db_url: str, *, now=None, service_config: str = "")
     service_cmd = [sys.executable, "-m", "labvault.datastore.cli", "service", f"--data-dir={workdir / 'data'}"]
     if now is not None:
         service_cmd.append(f"--DatastoreService.fake_clock_file={clock_file}")
+    service_cmd.append("--DatastoreService.expose_decisions=True")  # tests see each request's rules
+    # the lifecycle job would act on the moved test clock at any time: tests run it themselves
+    service_cmd.append("--DatastoreService.lifecycle_interval=0")
     config = f"""
 c = get_config()  # noqa
 c.JupyterHub.ip = "127.0.0.1"

@@ -21,6 +21,7 @@ from labvault.datastore import operations as ops
 from labvault.datastore.access import experiment_value, list_visible, load_subject
 from labvault.datastore.models import (
     AuditEvent,
+    Department,
     Environment,
     Experiment,
     Institution,
@@ -76,6 +77,22 @@ class JSONHandler(web.RequestHandler):
     """Speaks JSON: bodies in, answers and ``{"error", "rule", "reason"}`` errors out."""
 
     lv_user_name = "-"
+    _decisions: set | None = None
+
+    def record_decisions(self) -> None:
+        """With ``DatastoreService.expose_decisions`` (tests only), name every rule decided while
+        answering in the ``X-Labvault-Decisions`` header (``rule:1`` allowed, ``rule:0`` refused)."""
+        if self.service.expose_decisions:
+            from labvault.policies.engine import _RECORDER
+
+            self._decisions = set()
+            _RECORDER.set(self._decisions)
+
+    def flush(self, *args, **kwargs):
+        if self._decisions and not self._headers_written:
+            self.set_header("X-Labvault-Decisions",
+                            ",".join(f"{rule}:{int(allowed)}" for rule, allowed in sorted(self._decisions)))
+        return super().flush(*args, **kwargs)
 
     @property
     def service(self):
@@ -162,6 +179,7 @@ class BaseAPIHandler(HubAuthenticated, JSONHandler):
         return getattr(self, "_lv_model", None)
 
     async def prepare(self):
+        self.record_decisions()
         try:
             model = await self.hub_auth.get_user(self, sync=False)
         except Exception:
@@ -187,9 +205,10 @@ class BaseAPIHandler(HubAuthenticated, JSONHandler):
         if user is None:
             raise APIError(403, "forbidden", "account.state", f"{model['name']} has no labvault account")
         self.lv_user, self.lv_user_name = user, user.name
-        if not self.service.limiter.allow(user.name):
-            rate = p.RequestRate(True, self.service.rate_limit_per_second)
-            decision = self.service.policy.decide(p.ANONYMOUS, "request", rate, self.now)
+        # every request is decided against the user's rate (abuse.rate_limit); refusals audited
+        rate = p.RequestRate(not self.service.limiter.allow(user.name), self.service.rate_limit_per_second)
+        decision = self.service.policy.decide(p.ANONYMOUS, "request", rate, self.now)
+        if not decision.allowed:
             self.audit("request", f"path:{self.request.path[:200]}", decision)
             self.set_header("Retry-After", "1")
             raise denied(decision, 429)
@@ -216,10 +235,16 @@ class BaseAPIHandler(HubAuthenticated, JSONHandler):
                          ipv4_masked_bytes=self.service.policy.ipv4_masked_bytes,
                          ipv6_prefix_bits=self.service.policy.ipv6_prefix_bits)
 
+    def allowed_by(self, decision: p.Decision) -> p.Decision:
+        """Name the rule that allowed this request in the answer (``X-Labvault-Rule``)."""
+        self.set_header("X-Labvault-Rule", decision.rule)
+        return decision
+
     def decide(self, session, action: str, resource: object, target: str, *, audit_allowed: bool = True,
                status: int = 403) -> p.Decision:
         """Decide; audit (refusals always, allowances unless told not to); raise on refusal."""
         decision = self.service.policy.decide(self.subject(session), action, resource, self.now)
+        self.allowed_by(decision)
         if not decision.allowed:
             self.audit(action, target, decision)
             raise denied(decision, status)
@@ -240,7 +265,7 @@ class BaseAPIHandler(HubAuthenticated, JSONHandler):
         its existence is not revealed (no stubs for proprietary data)."""
         e = self.experiment(session, exid)
         ev = experiment_value(session, e)
-        decision = self.service.policy.decide(self.subject(session), action, ev, self.now)
+        decision = self.allowed_by(self.service.policy.decide(self.subject(session), action, ev, self.now))
         if not decision.allowed:
             error = self.refused(e, decision)
             self.audit(action, f"experiment:{exid}", decision, audit.answered_as(decision, error.rule, error.reason))
@@ -315,6 +340,21 @@ class MeAccessLogHandler(BaseAPIHandler):
             raise APIError(400, "bad request", "", "limit must be a number") from None
 
 
+class UserAccessLogHandler(MeAccessLogHandler):
+    """Someone's access log: shown to its subject and to admins (privacy.own_access_log)."""
+
+    def get(self, name):
+        with self.sessions() as s:
+            user = s.scalar(select(User).where(User.name == name))
+            if user is None:
+                raise APIError(404, "not found", "", f"no user {name!r}")
+            self.decide(s, "read_audit_trail", p.Account(user.id), f"user:{name}", audit_allowed=True)
+            events = s.scalars(select(AuditEvent).where(AuditEvent.actor == name)
+                               .order_by(AuditEvent.seq.desc()).limit(self._limit())).all()
+            mine = user.id == self.lv_user.id  # admins see the rules as decided
+            self.write_json({"events": [views.event(e, as_actor=mine) for e in events]})
+
+
 class MeCloseHandler(BaseAPIHandler):
     def post(self):
         body = self.json_body()
@@ -365,7 +405,7 @@ class ExperimentsHandler(BaseAPIHandler):
         with self.sessions() as s:
             visible = list_visible(s, self.lv_user.id, self.now, self.service.policy)
             names = views.NameCache(s)
-            items = [views.experiment(e, names) for e in visible]
+            items = views.experiments(visible, names)
             stubs = []
             if q:
                 subject = self.subject(s)
@@ -373,8 +413,7 @@ class ExperimentsHandler(BaseAPIHandler):
                 seen = {e.id for e in visible}
                 like = f"%{q}%"
                 for e in s.scalars(select(Experiment).where(
-                        or_(Experiment.exid.ilike(like), Experiment.title.ilike(like)),
-                        Experiment.proprietary.is_(False)).limit(50)):
+                        or_(Experiment.exid.ilike(like), Experiment.title.ilike(like))).limit(200)):
                     if e.id in seen:
                         continue
                     d = self.service.policy.decide(subject, "stub", experiment_value(s, e), self.now)
@@ -405,6 +444,18 @@ class ExperimentHandler(BaseAPIHandler):
             data["access"] = {"rule": d.rule, "reason": d.reason,
                               "facility_access_ends": self.service.policy.facility_access_ends(ev)}
             self.write_json(data)
+
+    def patch(self, exid):
+        """Correct descriptive metadata (the PI: privacy.metadata_exempt)."""
+        body = self.json_body()
+        unknown = set(body) - {"title", "facility"}
+        if unknown:
+            raise APIError(400, "bad request", "", f"only title and facility can be corrected, not {sorted(unknown)}")
+        fields = {k: self.field(body, k) for k in body}
+        self.guard(exid)
+        self.run_op(ops.correct_experiment, exid, **fields)
+        with self.sessions() as s:
+            self.write_json(views.experiment(self.experiment(s, exid), views.NameCache(s)))
 
 
 class RolesHandler(BaseAPIHandler):
@@ -513,7 +564,10 @@ class ActivityHandler(BaseAPIHandler):
             e, ev = self.read_experiment(s, exid)
             action = "read_audit_trail" if self.full else "read_activity_log"
             self.decide(s, action, ev, f"experiment:{exid}", audit_allowed=self.full)
-            q = select(AuditEvent).where(AuditEvent.target.like(f"experiment:{exid}%"))
+            # the experiment itself, and its files (file:EXID/path); exIDs may hold LIKE's wildcards
+            escaped = exid.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+            q = select(AuditEvent).where(or_(AuditEvent.target == f"experiment:{exid}",
+                                             AuditEvent.target.like(f"file:{escaped}/%", escape="\\")))
             if not self.full:  # scientific activity: changes that happened, not every read
                 q = q.where(AuditEvent.allowed.is_(True), AuditEvent.action.not_in(views.READ_ACTIONS))
             events = s.scalars(q.order_by(AuditEvent.seq.desc()).limit(500)).all()
@@ -541,8 +595,18 @@ class ResultSetsHandler(BaseAPIHandler):
     def post(self, exid):
         body = self.json_body()
         name = self.field(body, "name")
+        department = self.field(body, "department", required=False)
         self.guard(exid)
-        rs = self.run_op(ops.create_result_set, exid, name, kind=body.get("kind") or "analysis")
+        department_id = None
+        if department is not None:
+            with self.sessions() as s:
+                e = self.experiment(s, exid)
+                department_id = s.scalar(select(Department.id).where(
+                    Department.name == department, Department.institution_id == e.institution_id))
+            if department_id is None:
+                raise APIError(404, "not found", "", f"no department {department!r} in the experiment's institution")
+        rs = self.run_op(ops.create_result_set, exid, name, kind=body.get("kind") or "analysis",
+                         department_id=department_id)
         with self.sessions() as s:
             rs = s.get(ResultSet, rs.id)
             self.write_json(views.result_set(rs, ops.result_set_value(s, rs), views.NameCache(s), exid), 201)
@@ -599,8 +663,8 @@ class FileAccess:
         with self.sessions() as s:
             e = self.experiment(s, exid, "file.read", target)
             # one decision per request: the file's (which is the experiment's, plus deletion)
-            decision = self.service.policy.decide(self.subject(s), "read", p.File(experiment_value(s, e), path),
-                                                  self.now)
+            decision = self.allowed_by(self.service.policy.decide(
+                self.subject(s), "read", p.File(experiment_value(s, e), path), self.now))
             if not decision.allowed and decision.rule != "retention.deleted":
                 error = self.refused(e, decision)  # proprietary: not revealed
                 self.audit("file.read", target, decision, audit.answered_as(decision, error.rule, error.reason))
@@ -820,6 +884,7 @@ ROUTES = [
     ("/me/access-log", MeAccessLogHandler),
     ("/me/close", MeCloseHandler),
     ("/users", UsersHandler),
+    ("/users/{name}/access-log", UserAccessLogHandler),
     ("/environments", EnvironmentsHandler),
     ("/experiments", ExperimentsHandler),
     ("/experiments/{exid}", ExperimentHandler),
@@ -843,9 +908,10 @@ ROUTES = [
 
 
 # the personal repository lives in its own module (it imports this one)
+from .org import ROUTES as _ORG_ROUTES  # noqa: E402
 from .personal import ROUTES as _PERSONAL_ROUTES  # noqa: E402
 
-ROUTES += _PERSONAL_ROUTES
+ROUTES += _PERSONAL_ROUTES + _ORG_ROUTES
 
 # what the notebook widgets need beyond the above (retention status, deleting an experiment,
 # verifying the audit chain) lives in its own module too

@@ -29,6 +29,7 @@ class HubInternalHandler(JSONHandler):
     lv_user_name = "hub"
 
     def prepare(self):
+        self.record_decisions()
         secret = self.service.hub_secret
         if not secret:
             raise APIError(404, "not found", "default.deny", "the Hub-internal API is disabled (no hub_secret)")

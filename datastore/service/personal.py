@@ -49,8 +49,8 @@ class PersonalBase(FileServing, BaseAPIHandler):
         path = self._path(path)
         target = f"personal:{owner.name}/{path}"
         with self.sessions() as s:
-            decision = self.service.policy.decide(self.subject(s), "read",
-                                                  self.personal_item(s, owner.id, path), self.now)
+            decision = self.allowed_by(self.service.policy.decide(
+                self.subject(s), "read", self.personal_item(s, owner.id, path), self.now))
             if not decision.allowed:
                 self.audit("file.read", target, decision)
                 raise denied(decision, 404 if hide else 403)

@@ -47,6 +47,23 @@ class NameCache:
     def __init__(self, session: Session):
         self.session = session
         self._users: dict[int, dict] = {}
+        self._departments: dict[int, Department | None] = {}
+        self._institutions: dict[int, Institution | None] = {}
+
+    def department(self, department_id: int | None) -> Department | None:
+        """Held for the request: the session's identity map is weak and forgets them otherwise."""
+        if department_id is None:
+            return None
+        if department_id not in self._departments:
+            self._departments[department_id] = self.session.get(Department, department_id)
+        return self._departments[department_id]
+
+    def institution(self, institution_id: int | None) -> Institution | None:
+        if institution_id is None:
+            return None
+        if institution_id not in self._institutions:
+            self._institutions[institution_id] = self.session.get(Institution, institution_id)
+        return self._institutions[institution_id]
 
     def person(self, user_id: int | None) -> dict | None:
         if user_id is None:
@@ -62,11 +79,25 @@ class NameCache:
         return self._users[user_id]
 
 
-def experiment(e: Experiment, names: NameCache) -> dict:
+def experiments(es: list[Experiment], names: NameCache) -> list[dict]:
+    """Many experiments at once: their projects in one query (a listing of 1,000 is 1 query, not 1,000)."""
+    projects: dict[int, list[int]] = {e.id: [] for e in es}
+    ids = list(projects)
+    EP = experiment_projects.c
+    for start in range(0, len(ids), 900):  # bound the IN list (SQLite's parameter limit)
+        for exp_id, proj_id in names.session.execute(
+                select(EP.experiment_id, EP.project_id).where(EP.experiment_id.in_(ids[start:start + 900]))):
+            projects[exp_id].append(proj_id)
+    return [experiment(e, names, sorted(projects[e.id])) for e in es]
+
+
+def experiment(e: Experiment, names: NameCache, projects: list[int] | None = None) -> dict:
     s = names.session
-    dept = s.get(Department, e.department_id) if e.department_id else None
-    inst = s.get(Institution, e.institution_id)
-    projects = list(s.scalars(select(experiment_projects.c.project_id).where(experiment_projects.c.experiment_id == e.id)))
+    dept = names.department(e.department_id)
+    inst = names.institution(e.institution_id)
+    if projects is None:
+        projects = sorted(s.scalars(select(experiment_projects.c.project_id)
+                                    .where(experiment_projects.c.experiment_id == e.id)))
     return {
         "exid": e.exid, "title": e.title, "pi": names.person(e.pi_id), "institution": inst.name if inst else None,
         "facility": e.facility, "department": dept.name if dept else None, "project_ids": projects,
@@ -98,6 +129,8 @@ def members(s: Session, e: Experiment, policy: p.Policy, subject: p.Subject, now
             item["active"] = ev_end is None or now < ev_end
         user = s.get(User, g.user_id)
         person = p.Person(user.id, user.institution_id, user.state.value, user.email_visible, shares_context=True)
+        if not policy.decide(subject, "view_person", person, now).allowed:
+            continue
         if policy.decide(subject, "view_email", person, now).allowed:
             item["email"] = user.email
         out.append(item)
