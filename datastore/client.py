@@ -68,24 +68,30 @@ class Client:
         return f"{self.url}/api/v1{path}"
 
     def request(self, method: str, path: str, body: Any = None, **kwargs) -> Any:
+        """Call the API; the JSON answer, or :class:`LabvaultError` with the rule and reason."""
+        return self._json(self.send(method, path, body, **kwargs))
+
+    def send(self, method: str, path: str, body: Any = None, **kwargs):
+        """The raw answer (a urllib3 response) of one API call with a JSON ``body``."""
         headers = dict(self.headers)
         data = None
         if body is not None:
             data = json.dumps(body).encode()
             headers["Content-Type"] = "application/json"
-        r = self.http.request(method, self._url(path), body=data, headers=headers, **kwargs)
-        return self._json(r)
+        return self.http.request(method, self._url(path), body=data, headers=headers, **kwargs)
 
     @staticmethod
-    def _json(r) -> Any:
+    def _json(r, data: bytes | None = None) -> Any:
+        """``r``'s JSON, raising on an error status; ``data``: its body when already read."""
+        data = r.data if data is None else data
         try:
-            payload = json.loads(r.data) if r.data else None
+            payload = json.loads(data) if data else None
         except ValueError:
             payload = None
         if r.status >= 400:
             p = payload if isinstance(payload, dict) else {}
             raise LabvaultError(r.status, p.get("error", r.reason or "error"), p.get("rule", ""),
-                                p.get("reason", r.data[:200].decode(errors="replace") if r.data else ""))
+                                p.get("reason", data[:200].decode(errors="replace") if data else ""))
         return payload
 
     # -- the API ----------------------------------------------------------------------------
@@ -173,13 +179,6 @@ class Client:
         return lease
 
 
-class _Answer:
-    """A streamed response's status and body, read already, for :meth:`Client._json`."""
-
-    def __init__(self, status: int, reason: str | None, data: bytes):
-        self.status, self.reason, self.data = status, reason, data
-
-
 def file_url(client: Client, exid: str, path: str) -> str:
     return client._url(f"/experiments/{quote(exid, safe='')}/files/{quote(path.lstrip('/'))}")
 
@@ -250,7 +249,7 @@ class RemoteFile(_ReadOnlyFile):
                                      preload_content=False)
         try:
             if r.status not in (200, 206):  # a refusal: its JSON names the rule and the reason
-                self.client._json(_Answer(r.status, r.reason, r.read()))
+                self.client._json(r, r.read())
             got = 0
             while got < len(buf):
                 n = r.readinto(buf[got:])

@@ -165,3 +165,39 @@ c.JupyterHub.load_roles = [
         tail = (workdir / "hub.log").read_text(errors="replace")[-4000:]
         raise RuntimeError(f"JupyterHub did not come up:\n{tail}")
     return hub
+
+
+def same_user_spawner_config(homes: Path, env: dict) -> str:
+    """Hub config lines: servers are real ``jupyterhub-singleuser`` processes, run as this test's
+    OS user with a home folder per Hub user under ``homes``, their token scoped to the labvault
+    service (what the labvault spawner grants), ``env`` added to their environment."""
+    args = ["--allow-root"] if os.geteuid() == 0 else []
+    return f"""
+import os
+from pathlib import Path
+from jupyterhub.spawner import LocalProcessSpawner
+
+class SameUserSpawner(LocalProcessSpawner):
+    '''LocalProcessSpawner without switching OS users: each Hub user gets a home folder.'''
+
+    def make_preexec_fn(self, name):
+        return None
+
+    def user_env(self, env):
+        home = Path({str(homes)!r}) / self.user.name
+        home.mkdir(parents=True, exist_ok=True)
+        env.update(USER=self.user.name, HOME=str(home))
+        return env
+
+c.JupyterHub.spawner_class = SameUserSpawner
+c.Spawner.cmd = [{str(Path(sys.executable).with_name("jupyterhub-singleuser"))!r}]
+c.Spawner.args = {args!r}
+c.Spawner.notebook_dir = {str(homes)!r} + "/{{username}}"
+c.Spawner.default_url = "/lab"
+c.Spawner.start_timeout = 90
+c.Spawner.http_timeout = 90
+c.Spawner.environment = {{"LABVAULT_SERVICE_URL": os.environ["LABVAULT_SERVICE_URL"], **{env!r}}}
+# the server's own token (the kernels' JUPYTERHUB_API_TOKEN) may call the labvault service
+c.Spawner.server_token_scopes = ["users:activity!user", "access:servers!server",
+                                 "access:services!service=labvault"]
+"""

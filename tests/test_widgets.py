@@ -59,12 +59,7 @@ class CheckedClient(Client):
     """The real client; every JSON answer is also checked against the OpenAPI document."""
 
     def request(self, method, path, body=None, **kwargs):
-        headers = dict(self.headers)
-        data = None
-        if body is not None:
-            data = json.dumps(body).encode()
-            headers["Content-Type"] = "application/json"
-        r = self.http.request(method, self._url(path), body=data, headers=headers, **kwargs)
+        r = self.send(method, path, body, **kwargs)
         if template_for(path) and r.headers.get("Content-Type", "").startswith("application/json"):
             validate(method, path, r.status, json.loads(r.data) if r.data else None)
         return self._json(r)

@@ -28,7 +28,7 @@ import h5py
 import numpy as np
 import pytest
 from conftest import fresh_database_url
-from hubtools import ROOT, start_hub
+from hubtools import ROOT, same_user_spawner_config, start_hub
 from sqlalchemy import select
 
 from labvault.datastore import demo
@@ -60,36 +60,7 @@ def spawner_config(workdir: Path) -> str:
     installed = Path(sys.prefix) / "etc" / "jupyter" / "jupyter_server_config.d" / "labvault.json"
     if not installed.exists() and EXTENSION_CONFIG.exists():  # the /experiments tree, from the source
         env["JUPYTER_CONFIG_PATH"] = str(EXTENSION_CONFIG.parent.parent)
-    args = ["--allow-root"] if os.geteuid() == 0 else []
-    return f"""
-import os
-from pathlib import Path
-from jupyterhub.spawner import LocalProcessSpawner
-
-class SameUserSpawner(LocalProcessSpawner):
-    '''LocalProcessSpawner without switching OS users: each Hub user gets a home folder.'''
-
-    def make_preexec_fn(self, name):
-        return None
-
-    def user_env(self, env):
-        home = Path({str(homes)!r}) / self.user.name
-        home.mkdir(parents=True, exist_ok=True)
-        env.update(USER=self.user.name, HOME=str(home))
-        return env
-
-c.JupyterHub.spawner_class = SameUserSpawner
-c.Spawner.cmd = [{str(Path(sys.executable).with_name("jupyterhub-singleuser"))!r}]
-c.Spawner.args = {args!r}
-c.Spawner.notebook_dir = {str(homes)!r} + "/{{username}}"
-c.Spawner.default_url = "/lab"
-c.Spawner.start_timeout = 90
-c.Spawner.http_timeout = 90
-c.Spawner.environment = {{"LABVAULT_SERVICE_URL": os.environ["LABVAULT_SERVICE_URL"], **{env!r}}}
-# the server's own token (the kernels' JUPYTERHUB_API_TOKEN) may call the labvault service
-c.Spawner.server_token_scopes = ["users:activity!user", "access:servers!server",
-                                 "access:services!service=labvault"]
-"""
+    return same_user_spawner_config(homes, env)
 
 
 @pytest.fixture(scope="module")

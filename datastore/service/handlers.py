@@ -292,14 +292,26 @@ class BaseAPIHandler(HubAuthenticated, JSONHandler):
 
     def run_op(self, fn, *args, **kwargs):
         """Call a datastore operation; map its errors to HTTP."""
+        return self._mapped(fn, self.sessions, self.actor, *args, now=self.now, **kwargs)
+
+    def store_op(self, fn, *args, **kwargs):
+        """Call a chunk-store operation (``fn(actor, …)``); map its errors to HTTP. A path that
+        holds a file already is a 409; a storage failure (e.g. a full disk) a 503, nothing stored."""
+        return self._mapped(fn, self.actor, *args, now=self.now, conflict=True, **kwargs)
+
+    @staticmethod
+    def _mapped(fn, *args, conflict: bool = False, **kwargs):
         try:
-            return fn(self.sessions, self.actor, *args, now=self.now, **kwargs)
+            return fn(*args, **kwargs)
         except ops.Denied as e:
             raise denied(e.decision) from None
         except ops.NotFound as e:
             raise APIError(404, "not found", "", str(e)) from None
         except ops.OperationError as e:
-            raise APIError(400, "bad request", "", str(e)) from None
+            status = 409 if conflict and "already" in str(e) else 400
+            raise APIError(status, "bad request", "", str(e)) from None
+        except StoreError as e:
+            raise APIError(503, "storage error", "", str(e)) from None
 
 
 # --------------------------------------------------------------------------------------
@@ -817,14 +829,7 @@ class FileHandler(StreamedUpload, FileServing, BaseAPIHandler):
     def put(self, exid, path):
         path = self._path(path)
         self.guard(exid)
-        try:
-            info = self.service.store.ingest_stream(self.actor, exid, path, self.upload_blocks(), now=self.now)
-        except ops.Denied as e:
-            raise denied(e.decision) from None
-        except ops.OperationError as e:
-            raise APIError(409 if "already" in str(e) else 400, "bad request", "", str(e)) from None
-        except StoreError as e:  # e.g. a replica's disk is full: nothing was stored
-            raise APIError(503, "storage error", "", str(e)) from None
+        info = self.store_op(self.service.store.ingest_stream, exid, path, self.upload_blocks())
         with self.sessions() as s:
             self.write_json(views.stored_file(s.get(StoredFile, info.file.id)), 201)
 
@@ -832,14 +837,7 @@ class FileHandler(StreamedUpload, FileServing, BaseAPIHandler):
         path = self._path(path)
         reason = self.get_argument("reason", "").strip()
         self.guard(exid)
-        try:
-            info = self.service.store.delete_file(self.actor, exid, path, reason=reason, now=self.now)
-        except ops.Denied as e:
-            raise denied(e.decision) from None
-        except ops.NotFound as e:
-            raise APIError(404, "not found", "", str(e)) from None
-        except ops.OperationError as e:
-            raise APIError(400, "bad request", "", str(e)) from None
+        info = self.store_op(self.service.store.delete_file, exid, path, reason=reason)
         self.service.forget_reader(info.id)
         with self.sessions() as s:
             self.write_json(views.stored_file(s.get(StoredFile, info.id)))

@@ -16,7 +16,6 @@ from labvault import policies as p
 from labvault.datastore import operations as ops
 from labvault.datastore.access import personal_shared_with
 from labvault.datastore.models import PersonalShare, StoredFile, User, UserState
-from labvault.datastore.store.errors import StoreError
 from labvault.datastore.store.store import Home
 
 from . import views
@@ -91,30 +90,15 @@ class PersonalFileHandler(StreamedUpload, PersonalBase):
 
     def put(self, path):
         path = self._path(path)
-        try:
-            info = self.service.store.ingest_stream(self.actor, Home(owner=self.lv_user_name), path,
-                                                    self.upload_blocks(), now=self.now)
-        except ops.Denied as e:
-            raise denied(e.decision) from None
-        except ops.OperationError as e:
-            raise APIError(409 if "already" in str(e) else 400, "bad request", "", str(e)) from None
-        except StoreError as e:  # e.g. a replica's disk is full: nothing was stored
-            raise APIError(503, "storage error", "", str(e)) from None
+        info = self.store_op(self.service.store.ingest_stream, Home(owner=self.lv_user_name), path,
+                             self.upload_blocks())
         with self.sessions() as s:
             self.write_json(_file(s.get(StoredFile, info.file.id)), 201)
 
     def delete(self, path):
         path = self._path(path)
         reason = self.get_argument("reason", "").strip() or "deleted by its owner"
-        try:
-            info = self.service.store.delete_file(self.actor, Home(owner=self.lv_user_name), path,
-                                                  reason=reason, now=self.now)
-        except ops.Denied as e:
-            raise denied(e.decision) from None
-        except ops.NotFound as e:
-            raise APIError(404, "not found", "", str(e)) from None
-        except ops.OperationError as e:
-            raise APIError(400, "bad request", "", str(e)) from None
+        info = self.store_op(self.service.store.delete_file, Home(owner=self.lv_user_name), path, reason=reason)
         self.service.forget_reader(info.id)
         with self.sessions() as s:
             row = s.get(StoredFile, info.id)

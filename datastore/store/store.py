@@ -662,7 +662,7 @@ class ChunkStore(LoggingConfigurable):
                 # every other change, so the path check below cannot race, and a key rotation's
                 # final pass sees this data key (see rotate_keys).
                 ops._record(s, actor, "file.upload", target, decision, now, details)
-                if self._home_upload(s, actor, home, path, now)[2] is not None:
+                if s.scalar(select(StoredFile.id).filter_by(**where, path=path, deleted_at=None)) is not None:
                     raise ops.OperationError(f"{home.label}/{path} was stored by someone else meanwhile")
                 master_key_id, wrapped = self.key_provider.wrap(data_key, wrap_context(file_id))
                 dk = DataKey(wrapped_key=wrapped, master_key_id=master_key_id, created_at=now)

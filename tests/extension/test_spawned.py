@@ -41,40 +41,13 @@ def installed_config_dir() -> str | None:
 
 
 def spawner_config(homes: Path) -> str:
+    from hubtools import same_user_spawner_config
+
     config_dir = installed_config_dir()
     env = {"LABVAULT_ALLOWED_KERNELS": "python3"}
     if config_dir:
         env["JUPYTER_CONFIG_PATH"] = config_dir
-    args = ["--allow-root"] if os.geteuid() == 0 else []
-    return f"""
-import os
-from pathlib import Path
-from jupyterhub.spawner import LocalProcessSpawner
-
-class SameUserSpawner(LocalProcessSpawner):
-    '''LocalProcessSpawner without switching OS users: each Hub user gets a home folder.'''
-
-    def make_preexec_fn(self, name):
-        return None
-
-    def user_env(self, env):
-        home = Path({str(homes)!r}) / self.user.name
-        home.mkdir(parents=True, exist_ok=True)
-        env.update(USER=self.user.name, HOME=str(home))
-        return env
-
-c.JupyterHub.spawner_class = SameUserSpawner
-c.Spawner.cmd = [{str(Path(sys.executable).with_name("jupyterhub-singleuser"))!r}]
-c.Spawner.args = {args!r}
-c.Spawner.notebook_dir = {str(homes)!r} + "/{{username}}"
-c.Spawner.default_url = "/lab"
-c.Spawner.start_timeout = 90
-c.Spawner.http_timeout = 90
-c.Spawner.environment = {{"LABVAULT_SERVICE_URL": os.environ["LABVAULT_SERVICE_URL"], **{env!r}}}
-# what the labvault spawner grants the server's own token: its service, nothing more
-c.Spawner.server_token_scopes = ["users:activity!user", "access:servers!server",
-                                 "access:services!service=labvault"]
-"""
+    return same_user_spawner_config(homes, env)
 
 
 @pytest.fixture(scope="module")
